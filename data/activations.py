@@ -1,0 +1,178 @@
+"""Activation source: a frozen open_clip ViT whose forward pass stops after the hook block.
+
+Shape legend: B images, T tokens per image (CLS + patches), D model width.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "patchsae-demo-vit"
+_CONFIG_DIR = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+class ModelError(ValueError):
+    """The model cannot be built or loaded; the message names the fix."""
+
+
+def register_models() -> None:
+    """Register the project's own open_clip configs (the tiny demo ViT). Idempotent."""
+    global _registered
+    if not _registered:
+        import open_clip
+
+        open_clip.add_model_config(_CONFIG_DIR)
+        _registered = True
+
+
+def vision_config(name: str) -> dict[str, Any]:
+    """The ``vision_cfg`` of an open_clip model, from its registry (no weights, no network)."""
+    import open_clip
+
+    register_models()
+    if name.startswith(("hf-hub:", "local-dir:")):
+        raise ModelError(
+            f"model.name {name!r}: hub and local-dir schemas are not supported; use a registered "
+            "open_clip name (open_clip.list_models()) and pass weights as model.pretrained"
+        )
+    cfg = open_clip.get_model_config(name)
+    if cfg is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5)
+        hint = f"did you mean one of {close}?" if close else "see open_clip.list_models()"
+        raise ModelError(f"model.name {name!r} is not an open_clip model; {hint}")
+    vision = cfg.get("vision_cfg", {})
+    if not isinstance(vision.get("layers"), int) or "timm_model_name" in vision:
+        raise ModelError(
+            f"model.name {name!r} is not an open_clip ViT (no transformer blocks to hook); "
+            "use a ViT such as ViT-B-16"
+        )
+    return vision
+
+
+def model_depth(name: str) -> int:
+    """Number of residual blocks in the model's vision transformer."""
+    return vision_config(name)["layers"]
+
+
+def check_weights(name: str, pretrained: str | None) -> None:
+    """``pretrained`` must be None, an existing checkpoint file or an open_clip tag of ``name``."""
+    import open_clip
+
+    vision_config(name)
+    if pretrained is None or Path(pretrained).is_file():
+        return
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    if pretrained not in tags:
+        raise ModelError(
+            f"model.pretrained {pretrained!r} is neither a checkpoint file nor a pretrained tag of "
+            f"{name} (tags: {tags}); fix the path, pick a tag, or use null for random weights"
+        )
+
+
+def load_visual(
+    name: str, pretrained: str | None, *, cache_dir: str | None, init_seed: int
+) -> tuple[nn.Module, Any]:
+    """Build an open_clip model with its real factory and return ``(visual tower, preprocess)``.
+
+    ``pretrained`` is an open_clip tag (``openai``), a local checkpoint file, or None for a
+    seeded random init. The text tower is dropped: only the image side is needed.
+    """
+    import open_clip
+
+    register_models()
+    check_weights(name, pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, cache_dir=cache_dir
+            )
+        except (RuntimeError, OSError, ValueError) as err:
+            raise ModelError(
+                f"could not load weights {pretrained!r} for {name}: {err}. Without network "
+                "access, put the weights in the hub cache (model.cache_dir) once, or pass a "
+                "local checkpoint file as model.pretrained"
+            ) from err
+    visual = model.visual
+    visual.requires_grad_(False).eval()
+    return visual, preprocess
+
+
+class _StopForward(Exception):
+    """Raised by the hook to end the forward pass once the hooked block has run."""
+
+    def __init__(self, output: Tensor) -> None:
+        super().__init__()
+        self.output = output
+
+
+class ActivationSource(nn.Module):
+    """Residual-stream activations of block ``layer`` of a frozen open_clip ViT.
+
+    A forward hook on the block raises as soon as the block has run, so the blocks after it (and
+    the head) never execute. ``tokens`` picks ``all`` (CLS + patches), ``cls`` (each image's own
+    CLS token) or ``patches``.
+    """
+
+    def __init__(self, visual: nn.Module, layer: int, tokens: str = "all") -> None:
+        super().__init__()
+        self.visual = visual
+        blocks = visual.transformer.resblocks
+        depth = len(blocks)
+        if not -depth <= layer < depth:
+            raise ModelError(
+                f"layer {layer} is out of range ({depth} blocks); use {-depth}..{depth - 1}"
+            )
+        if tokens not in ("all", "cls", "patches"):
+            raise ModelError(f"tokens {tokens!r}: use all, cls or patches")
+        self.layer, self.tokens = layer % depth, tokens
+        self.block = blocks[self.layer]
+        grid = visual.grid_size
+        self.n_patches = grid[0] * grid[1]
+        self.width = visual.transformer.width
+        self.image_size = visual.image_size
+
+    @property
+    def tokens_per_image(self) -> int:
+        return {"all": self.n_patches + 1, "cls": 1, "patches": self.n_patches}[self.tokens]
+
+    def _raise_output(self, module: nn.Module, args: Any, output: Tensor) -> None:
+        raise _StopForward(output)
+
+    @torch.no_grad()
+    def block_output(self, pixels_B3HW: Tensor) -> Tensor:
+        """``[B, T, D]`` residual stream after the hooked block, all tokens."""
+        handle = self.block.register_forward_hook(self._raise_output)
+        try:
+            self.visual(pixels_B3HW)
+        except _StopForward as stop:
+            out = stop.output
+        else:  # pragma: no cover - the hook always fires
+            raise RuntimeError("the hooked block did not run")
+        finally:
+            handle.remove()
+        if out.shape[0] != pixels_B3HW.shape[0]:  # sequence-first transformers
+            out = out.transpose(0, 1)
+        return out
+
+    @torch.no_grad()
+    def forward(self, pixels_B3HW: Tensor) -> Tensor:
+        """Selected tokens, flattened to ``[B * T_sel, D]`` in float32."""
+        device = next(self.visual.parameters()).device
+        pixels_B3HW = pixels_B3HW.to(device, non_blocking=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            acts_BTD = self.block_output(pixels_B3HW)
+        if self.tokens == "cls":
+            acts_BTD = acts_BTD[:, :1]
+        elif self.tokens == "patches":
+            acts_BTD = acts_BTD[:, 1:]
+        return acts_BTD.reshape(-1, acts_BTD.shape[-1]).float()

@@ -1,0 +1,92 @@
+"""The ``patchsae`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message already names the problem and the fix: printed without a trace."""
+    from data.activations import ModelError
+    from data.shards import ShardError
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+
+    return (ConfigError, ModelError, ShardError, CheckpointError)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from trainer.config import load_config
+    from trainer.loop import train
+
+    cfg = load_config(args.config, args.set)  # validated before any data is read
+    summary = train(cfg, resume=args.resume)
+    return 0 if summary["step"] > 0 else 1
+
+
+def _make_demo_data(args: argparse.Namespace) -> int:
+    from data.demo import make_demo_data
+
+    out = make_demo_data(args.out, n_images=args.n_images, seed=args.seed)
+    print(f"demo shards written to {out}")
+    return 0
+
+
+def _sync_mlflow(args: argparse.Namespace) -> int:
+    from trainer.tracking import sync_unsent
+
+    sent = sync_unsent(Path(args.run_dir), tracking_uri=args.tracking_uri)
+    print(f"sent {sent} records from {args.run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchsae", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train an SAE from a YAML recipe")
+    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (repeatable), e.g. --set train.lr=1e-3",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="continue from the newest checkpoint in train.out_dir, or from the given folder",
+    )
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("make-demo-data", help="write the demo's WebDataset image shards")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n-images", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_demo_data)
+
+    p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
+    p.add_argument("run_dir")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=_sync_mlflow)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except _user_errors() as err:
+        logging.getLogger("patchsae").debug("user error", exc_info=True)
+        print(f"patchsae: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

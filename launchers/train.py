@@ -1,0 +1,13 @@
+"""What ``torchrun`` runs: ``torchrun --nproc_per_node 2 -m launchers.train --config ...``.
+
+Same arguments as ``patchsae train``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from launchers.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

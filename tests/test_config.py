@@ -1,0 +1,135 @@
+"""Config errors name the key and the fix, and the CLI stops before reading any data."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_recipes_load_and_resolve():
+    demo = load_config(ROOT / "configs/demo.yaml")
+    assert demo.model.name == "patchsae-demo-vit" and demo.model.pretrained is None
+    paper = load_config(ROOT / "configs/vit_b16_imagenet.yaml")
+    assert (paper.model.name, paper.model.pretrained, paper.model.layer) == (
+        "ViT-B-16",
+        "openai",
+        -2,
+    )
+    assert paper.sae.n_latents == 49_152 and paper.sae.l1_coeff == 8e-5
+    assert (paper.train.lr, paper.train.warmup_steps) == (4e-4, 500)
+    assert (paper.train.batch_images, paper.train.total_images) == (128, 2_621_440)
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(ROOT / "configs/demo.yaml", ["train.lr=3e-3", "sae.ghost_grads=false"])
+    assert cfg.train.lr == 3e-3 and cfg.sae.ghost_grads is False
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lrr=1e-3", r"'train.lrr': unknown key; valid keys of 'train' are \[.*'lr'"),
+        ("trian.lr=1e-3", r"'trian': unknown section; valid sections are"),
+        (
+            "model.layer=12",
+            r"layer 12 is out of range for patchsae-demo-vit \(4 blocks\); use -4..3",
+        ),
+        ("train.lr=0", r"'train.lr': must be > 0"),
+        ("sae.n_latents=0", r"exactly one of sae.n_latents and sae.expansion"),
+        (
+            "sae.mse_norm=l2",
+            r"'sae.mse_norm': unknown value 'l2'; use one of \['none', 'token_norm'\]",
+        ),
+        ("train.lr=fast", r"'train.lr': expected float"),
+        ("model.name=ViT-B-61", r"not an open_clip model; did you mean"),
+        ("model.pretrained=laion9b", r"neither a checkpoint file nor a pretrained tag"),
+        ("lr=1", r"section.key=value"),
+    ],
+)
+def test_bad_values_name_key_and_fix(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(ROOT / "configs/demo.yaml", [override])
+
+
+def test_zero_latents_via_n_latents():
+    with pytest.raises(ConfigError, match=r"'sae.n_latents': must be > 0"):
+        load_config(ROOT / "configs/demo.yaml", ["sae.expansion=null", "sae.n_latents=0"])
+
+
+def test_cli_config_error_exits_before_reading_data(tmp_path):
+    # The shard path does not exist: if data were read first, the error would be about shards.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.train",
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--set",
+            f"data.urls={tmp_path}/missing",
+            "--set",
+            "train.warmup=5",
+            "--set",
+            f"train.out_dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "'train.warmup': unknown key" in proc.stderr and "warmup_steps" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_shards_fail_fast_naming_urls(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.train",
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--set",
+            f"data.urls={tmp_path}/nowhere",
+            "--set",
+            f"train.out_dir={tmp_path}/run",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"{tmp_path}/nowhere" in proc.stderr and "make-demo-data" in proc.stderr
+
+
+def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, demo_shards):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launchers.train",
+            "--config",
+            str(ROOT / "configs/demo.yaml"),
+            "--set",
+            f"data.urls={demo_shards}",
+            "--set",
+            f"train.out_dir={tmp_path}/run",
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "no checkpoint found" in proc.stderr and "without --resume" in proc.stderr

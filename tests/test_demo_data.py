@@ -1,0 +1,124 @@
+"""The synthetic demo dataset: deterministic, balanced, well-formed, and visibly class-dependent."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.demo import CLASSES, make_demo_data
+
+N_IMAGES, SIZE, PER_SHARD = 96, 32, 20
+
+
+def read_samples(out: Path) -> dict[str, dict[str, bytes]]:
+    """All samples of all shards in ``out``: key -> {ext: bytes}."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in sorted(out.glob("shard-*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    return make_demo_data(
+        out, n_images=N_IMAGES, image_size=SIZE, images_per_shard=PER_SHARD, seed=0
+    )
+
+
+def test_layout(demo: Path) -> None:
+    names = sorted(p.name for p in demo.iterdir())
+    n_shards = -(-N_IMAGES // PER_SHARD)
+    assert names == ["classes.json"] + [f"shard-{i:06d}.tar" for i in range(n_shards)]
+    samples = read_samples(demo)
+    assert sorted(samples) == [f"{i:06d}" for i in range(N_IMAGES)]
+    assert all(set(s) == {"png", "cls", "json"} for s in samples.values())
+
+
+def test_same_seed_same_bytes_other_seed_differs(demo: Path, tmp_path: Path) -> None:
+    again = make_demo_data(
+        tmp_path / "a", n_images=N_IMAGES, image_size=SIZE, images_per_shard=PER_SHARD, seed=0
+    )
+    other = make_demo_data(
+        tmp_path / "b", n_images=N_IMAGES, image_size=SIZE, images_per_shard=PER_SHARD, seed=1
+    )
+    for shard in sorted(demo.glob("shard-*.tar")):
+        assert (again / shard.name).read_bytes() == shard.read_bytes()
+        assert (other / shard.name).read_bytes() != shard.read_bytes()
+
+
+def test_classes_and_labels_agree(demo: Path) -> None:
+    classes = json.loads((demo / "classes.json").read_text())
+    assert len(classes) >= 8
+    assert len(set(classes)) == len(classes)
+    for sample in read_samples(demo).values():
+        label = int(sample["cls"])
+        meta = json.loads(sample["json"])
+        assert meta["label"] == label
+        assert meta["class"] == classes[label]
+        assert classes[label] == f"{meta['colour']} {meta['texture']} {meta['shape']}"
+
+
+def test_classes_differ_in_at_least_two_attributes() -> None:
+    for a, b in itertools.combinations(CLASSES, 2):
+        same = (a.shape == b.shape) + (a.colour == b.colour) + (a.texture == b.texture)
+        assert same <= 1, (a, b)
+
+
+def test_images_decode_to_requested_size(demo: Path) -> None:
+    for sample in read_samples(demo).values():
+        image = Image.open(io.BytesIO(sample["png"]))
+        assert image.format == "PNG"
+        assert image.mode == "RGB"
+        assert image.size == (SIZE, SIZE)
+
+
+def test_classes_are_balanced(demo: Path) -> None:
+    counts = Counter(int(s["cls"]) for s in read_samples(demo).values())
+    assert set(counts) == set(range(len(CLASSES)))
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_classes_look_different(demo: Path) -> None:
+    """The mean colour near the shape's centre separates every pair of classes."""
+    patches: dict[int, list[np.ndarray]] = {}
+    for sample in read_samples(demo).values():
+        meta = json.loads(sample["json"])
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float64)
+        cx, cy = (round(p * SIZE) for p in meta["position"])
+        r = max(1, round(meta["scale"] * SIZE * 0.4))
+        patch = pixels[max(cy - r, 0) : cy + r + 1, max(cx - r, 0) : cx + r + 1]
+        patches.setdefault(meta["label"], []).append(patch.reshape(-1, 3).mean(axis=0))
+    means = {label: np.mean(p, axis=0) for label, p in patches.items()}
+    for a, b in itertools.combinations(sorted(means), 2):
+        distance = np.linalg.norm(means[a] - means[b])
+        assert distance > 40, (CLASSES[a].name, CLASSES[b].name, distance)
+
+
+def test_rewrite_is_atomic_and_drops_stale_shards(tmp_path: Path) -> None:
+    out = make_demo_data(tmp_path, n_images=30, image_size=16, images_per_shard=10)
+    assert len(list(out.glob("shard-*.tar"))) == 3
+    # A smaller dataset in the same place must not leave the third shard behind.
+    make_demo_data(tmp_path, n_images=15, image_size=16, images_per_shard=10)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+    ]
+    assert sorted(read_samples(out)) == [f"{i:06d}" for i in range(15)]
+
+
+def test_rejects_bad_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="n_images"):
+        make_demo_data(tmp_path, n_images=0)

@@ -1,0 +1,369 @@
+"""The configuration tree: frozen dataclasses, loaded from a YAML recipe plus overrides.
+
+Every field has a docstring-style comment; every check raises ``ConfigError`` naming the key
+and the fix. Validation happens in ``__post_init__`` and in ``load_config`` (which also checks
+things that need the model's shape, such as the hook layer), before any data is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the fix."""
+
+
+def _fail(key: str, problem: str, fix: str) -> typing.NoReturn:
+    raise ConfigError(f"config error at '{key}': {problem}; {fix}")
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            _fail(f"{section}.{name}", f"must be > 0, got {value!r}", "set a positive value")
+
+
+def _one_of(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(f"{section}.{name}", f"unknown value {value!r}", f"use one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "patchsae-demo-vit"
+    """open_clip model name (``open_clip.list_models()``), e.g. ``ViT-B-16``."""
+    pretrained: str | None = None
+    """open_clip pretrained tag (``openai``), a local checkpoint file, or null for random init."""
+    layer: int = -2
+    """Hook the residual stream output of this block; negative counts from the end."""
+    tokens: str = "all"
+    """Which tokens train the SAE: ``all`` (CLS + patches), ``cls`` or ``patches``."""
+    cache_dir: str | None = None
+    """Where open_clip looks for pretrained weights (its hub cache when null)."""
+    init_seed: int = 0
+    """Seed for the model's random init when ``pretrained`` is null (keeps runs comparable)."""
+
+    def __post_init__(self) -> None:
+        _one_of("model", "tokens", self.tokens, ("all", "cls", "patches"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    urls: str = "runs/demo-data"
+    """Shards: a directory of ``*.tar``, a brace pattern (``shard-{000000..000099}.tar``), or
+    several of either separated by ``::``."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 reads in the main process)."""
+    shuffle_shards: bool = True
+    """Shuffle the shard order each epoch (seeded by ``train.seed`` and the epoch)."""
+    shuffle_buffer: int = 1000
+    """Sample-level shuffle buffer per worker, in images; 0 disables."""
+    images_per_batch: int = 32
+    """Images per CLIP forward pass, per rank."""
+    mix_buffer_tokens: int = 65536
+    """Tokens held by the mixer; batches are drawn at random from it so that one SAE batch
+    mixes tokens from many images. Should be much larger than ``train.batch_tokens``."""
+    max_bad_fraction: float = 0.5
+    """Stop with an error when more than this fraction of samples fails to decode."""
+
+    def __post_init__(self) -> None:
+        if not self.urls:
+            _fail("data.urls", "is empty", "set a shard directory or a brace pattern")
+        if self.num_workers < 0:
+            _fail("data.num_workers", f"must be >= 0, got {self.num_workers}", "use 0 or more")
+        if self.shuffle_buffer < 0:
+            _fail("data.shuffle_buffer", "must be >= 0", "use 0 to disable shuffling")
+        _positive("data", self, "images_per_batch", "mix_buffer_tokens")
+        if not 0 < self.max_bad_fraction <= 1:
+            _fail("data.max_bad_fraction", "must be in (0, 1]", "e.g. 0.5")
+
+
+@dataclass(frozen=True)
+class SAEConfig:
+    n_latents: int | None = None
+    """Dictionary width. Exactly one of ``n_latents`` and ``expansion`` is set."""
+    expansion: int | None = 8
+    """Width as a multiple of the model width (64 gives 49,152 latents for ViT-B-16)."""
+    l1_coeff: float = 8e-5
+    """Weight of the L1 penalty on the latent code."""
+    l1_decoder_norm: bool = False
+    """Weight each latent's L1 term by the norm of its decoder row."""
+    mse_norm: str = "none"
+    """``none``: mean squared error; ``token_norm``: squared error divided by each token's L2
+    norm (the PatchSAE code's loss)."""
+    ghost_grads: bool = True
+    """Ghost gradients for latents silent over ``ghost_window_steps``."""
+    ghost_window_steps: int = 64
+    """A latent that has not fired for this many steps gets ghost gradients."""
+    init_b_dec: str = "geometric_median"
+    """``geometric_median``, ``mean`` or ``zeros`` of an initial token sample."""
+    init_sample_tokens: int = 4096
+    """Tokens in the sample used for ``b_dec`` and input scaling."""
+    scale_inputs: bool = False
+    """Scale inputs so the mean token norm is sqrt(d); folded back into the exported weights."""
+
+    def __post_init__(self) -> None:
+        if (self.n_latents is None) == (self.expansion is None):
+            _fail(
+                "sae.n_latents",
+                "exactly one of sae.n_latents and sae.expansion must be set",
+                "set the other one to null",
+            )
+        _positive("sae", self, "n_latents", "expansion", "ghost_window_steps", "init_sample_tokens")
+        if self.l1_coeff < 0:
+            _fail("sae.l1_coeff", f"must be >= 0, got {self.l1_coeff}", "e.g. 8e-5")
+        _one_of("sae", "mse_norm", self.mse_norm, ("none", "token_norm"))
+        _one_of("sae", "init_b_dec", self.init_b_dec, ("geometric_median", "mean", "zeros"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 4e-4
+    """Adam learning rate after warm-up."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas."""
+    schedule: str = "constant"
+    """After warm-up: ``constant`` or ``cosine`` (down to ``min_lr_frac * lr``)."""
+    warmup_steps: int = 500
+    """Linear warm-up from 0 to ``lr``."""
+    min_lr_frac: float = 0.0
+    """Final learning rate of the cosine schedule, as a fraction of ``lr``."""
+    batch_tokens: int | None = None
+    """Tokens per optimiser step, over all ranks. Exactly one of this and ``batch_images``."""
+    batch_images: int | None = 128
+    """Images per optimiser step (times the tokens each image contributes)."""
+    total_tokens: int | None = None
+    """Training length in tokens. Exactly one of this and ``total_images``."""
+    total_images: int | None = 2_621_440
+    """Training length in images."""
+    log_every: int = 10
+    """Steps between metric logs (the only host syncs of the loop)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints; 0 writes one at the end only."""
+    keep_checkpoints: int = 2
+    """How many step checkpoints to keep (older ones are deleted)."""
+    dead_window_tokens: int = 10_000_000
+    """A latent silent over this many tokens counts as dead; dense/density use this window."""
+    device: str = "auto"
+    """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
+    seed: int = 0
+    """Seeds the SAE init, data order and token mixing."""
+    out_dir: str = "runs/demo"
+    """Run directory: checkpoints, exported SAE, local metrics, the default MLflow store."""
+    threads: int = 0
+    """torch CPU threads (0 keeps torch's default)."""
+
+    def __post_init__(self) -> None:
+        _positive("train", self, "lr", "log_every", "keep_checkpoints", "dead_window_tokens")
+        _positive("train", self, "batch_tokens", "batch_images", "total_tokens", "total_images")
+        if self.warmup_steps < 0 or self.checkpoint_every < 0:
+            _fail("train.warmup_steps", "steps must be >= 0", "use 0 to disable")
+        if (self.batch_tokens is None) == (self.batch_images is None):
+            _fail(
+                "train.batch_tokens",
+                "exactly one of train.batch_tokens and train.batch_images must be set",
+                "set the other one to null",
+            )
+        if (self.total_tokens is None) == (self.total_images is None):
+            _fail(
+                "train.total_tokens",
+                "exactly one of train.total_tokens and train.total_images must be set",
+                "set the other one to null",
+            )
+        _one_of("train", "schedule", self.schedule, ("constant", "cosine"))
+        _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
+        if not 0 <= self.min_lr_frac <= 1:
+            _fail("train.min_lr_frac", "must be in [0, 1]", "e.g. 0.1")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            _fail("train.betas", f"got {self.betas!r}", "use two numbers in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = True
+    """Log to MLflow (metrics are always written to ``metrics.jsonl`` in the run directory)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI. Null: ``$MLFLOW_TRACKING_URI`` if set, else
+    ``sqlite:///<out_dir>/mlflow.db``."""
+    experiment: str = "patchsae"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name (defaults to the run directory's name)."""
+    flush_timeout_s: float = 120.0
+    """At the end, how long to wait for an unreachable server before leaving the unsent
+    records on disk (``patchsae sync-mlflow`` sends them later)."""
+
+    def __post_init__(self) -> None:
+        if not self.experiment:
+            _fail("tracking.experiment", "is empty", "name the MLflow experiment")
+        if self.flush_timeout_s < 0:
+            _fail("tracking.flush_timeout_s", "must be >= 0", "e.g. 120")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    strategy: str = "auto"
+    """``auto`` (DDP when launched with several ranks), ``single`` or ``ddp``."""
+    backend: str = "auto"
+    """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
+
+    def __post_init__(self) -> None:
+        _one_of("distributed", "strategy", self.strategy, ("auto", "single", "ddp"))
+        _one_of("distributed", "backend", self.backend, ("auto", "nccl", "gloo"))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = dataclasses.asdict(self)
+        out["train"]["betas"] = list(self.train.betas)
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}``, as logged to MLflow params."""
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sae": SAEConfig,
+    "train": TrainConfig,
+    "tracking": TrackingConfig,
+    "distributed": DistributedConfig,
+}
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field annotation, converting the harmless cases (int -> float,
+    list -> tuple). Anything else names the key and the expected type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(
+                key, f"expected a list of {len(args)} numbers, got {value!r}", "e.g. [0.9, 0.999]"
+            )
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args, strict=True))
+    expected = {"str": str, "int": int, "float": float, "bool": bool}.get(
+        getattr(annotation, "__name__", str(annotation)), annotation
+    )
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "8e-5" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if expected is int and isinstance(value, str) and value.replace("_", "").isdigit():
+        return int(value.replace("_", ""))
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        _fail(key, f"expected {expected.__name__}, got {value!r}", f"give a {expected.__name__}")
+    return value
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config error: the recipe must be a mapping of sections, got {raw!r}")
+    sections = {}
+    for name, values in raw.items():
+        if name not in SECTIONS:
+            _fail(name, "unknown section", f"valid sections are {sorted(SECTIONS)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            _fail(name, f"expected a mapping, got {values!r}", "write `key: value` lines under it")
+        cls = SECTIONS[name]
+        hints = typing.get_type_hints(cls)
+        valid = [f.name for f in dataclasses.fields(cls)]
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                _fail(f"{name}.{key}", "unknown key", f"valid keys of '{name}' are {valid}")
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train", "lr", 0.001)``; values are parsed as YAML."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(
+            f"config error: override {text!r} is not of the form section.key=value; "
+            "e.g. --set train.lr=1e-3"
+        )
+    path, value = text.split("=", 1)
+    section, key = path.split(".", 1)
+    return section, key, yaml.safe_load(value) if value != "" else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML recipe, apply ``section.key=value`` overrides and validate everything that
+    can be checked without reading data (the hook layer against the model's depth included)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(
+                f"config error: recipe {str(path)!r} does not exist; pass a YAML file"
+            )
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config error: {path} must hold a mapping of sections")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        if raw[section] is None:
+            raw[section] = {}
+        raw[section][key] = value
+    cfg = _build(raw)
+    check_model(cfg.model)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Rebuild a config from ``Config.to_dict()`` output (checkpoints, ``cfg.json``)."""
+    return _build(raw)
+
+
+def check_model(model: ModelConfig) -> int:
+    """Validate the model name and hook layer against open_clip's registry; returns the
+    non-negative block index."""
+    # open_clip is heavy: imported here, not when the config module loads.
+    from data.activations import ModelError, check_weights, model_depth
+
+    try:
+        depth = model_depth(model.name)
+        check_weights(model.name, model.pretrained)
+    except ModelError as err:
+        raise ConfigError(f"config error at 'model': {err}") from err
+    if not -depth <= model.layer < depth:
+        _fail(
+            "model.layer",
+            f"layer {model.layer} is out of range for {model.name} ({depth} blocks)",
+            f"use {-depth}..{depth - 1}",
+        )
+    return model.layer % depth

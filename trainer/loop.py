@@ -1,0 +1,415 @@
+"""The training loop: token stream -> SAE step -> metrics, checkpoints, MLflow.
+
+Shape legend: N tokens, D model width, F latents.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor
+
+import kernels
+from data.activations import ActivationSource, load_visual
+from data.mixer import TokenMixer
+from data.shards import ImageShards, expand_urls
+from data.stream import TokenStream
+from trainer import checkpoint
+from trainer.config import Config, ConfigError, check_model, config_from_dict
+from trainer.distributed import Distributed
+from trainer.metrics import LatentStats, MetricSums
+from trainer.plots import density_histogram
+from trainer.sae import SparseAutoencoder
+from trainer.tracking import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Step sizes resolved from the config and the model's token count."""
+
+    tokens_per_image: int
+    batch_tokens: int
+    """Tokens per optimiser step over all ranks."""
+    local_tokens: int
+    """Tokens per step on each rank."""
+    total_steps: int
+
+    @classmethod
+    def make(cls, cfg: Config, tokens_per_image: int, world_size: int) -> Plan:
+        t = cfg.train
+        batch = t.batch_tokens if t.batch_tokens is not None else t.batch_images * tokens_per_image
+        if batch % world_size:
+            raise ConfigError(
+                f"train.batch_tokens={batch} does not split over {world_size} ranks; "
+                f"use a multiple of {world_size}"
+            )
+        total = t.total_tokens if t.total_tokens is not None else t.total_images * tokens_per_image
+        local = batch // world_size
+        if 2 * local > cfg.data.mix_buffer_tokens:
+            raise ConfigError(
+                f"data.mix_buffer_tokens={cfg.data.mix_buffer_tokens} must hold at least two "
+                f"per-rank batches ({2 * local} tokens); raise it"
+            )
+        return cls(tokens_per_image, batch, local, max(1, math.ceil(total / batch)))
+
+
+def lr_factor(step: int, cfg: Config, total_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then constant or cosine to ``min_lr_frac``."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return 1.0
+    span = max(total_steps - t.warmup_steps, 1)
+    progress = min((step - t.warmup_steps) / span, 1.0)
+    return t.min_lr_frac + (1 - t.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class StopRequest:
+    """Set by SIGUSR1/SIGTERM (e.g. Slurm's warning before the time limit): the loop writes a
+    checkpoint at the next log step and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test harness): no handler
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("received signal %d: checkpointing at the next log step", signum)
+        self.requested = True
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+    )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+        self.cfg = cfg
+        self.dist = Distributed.from_env(cfg.distributed, cfg.train.device)
+        _setup_logging(self.dist.rank)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.run_dir = Path(cfg.train.out_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.layer = check_model(cfg.model)
+        self.kernel_path = kernels.kernel_path()
+        self.ckpt_path = checkpoint.find_checkpoint(self.run_dir, resume) if resume else None
+        if self.ckpt_path is not None:
+            self._check_resumable(self.ckpt_path)
+
+        urls = expand_urls(cfg.data.urls)  # fails fast, naming the URLs, when none is readable
+        visual, preprocess = load_visual(
+            cfg.model.name,
+            cfg.model.pretrained,
+            cache_dir=cfg.model.cache_dir,
+            init_seed=cfg.model.init_seed,
+        )
+        self.source = ActivationSource(visual.to(self.dist.device), self.layer, cfg.model.tokens)
+        shards = ImageShards(
+            urls,
+            preprocess,
+            batch_size=cfg.data.images_per_batch,
+            shuffle_shards=cfg.data.shuffle_shards,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            seed=cfg.train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        mixer = TokenMixer(cfg.data.mix_buffer_tokens, seed=cfg.train.seed * 1009 + self.dist.rank)
+        self.stream = TokenStream(shards, self.source, mixer, num_workers=cfg.data.num_workers)
+        self.plan = Plan.make(cfg, self.source.tokens_per_image, self.dist.world_size)
+
+        d, f = self.source.width, cfg.sae.n_latents or cfg.sae.expansion * self.source.width
+        torch.manual_seed(cfg.train.seed)
+        self.sae = SparseAutoencoder(d, f).to(self.dist.device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.train.lr, betas=cfg.train.betas)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg, self.plan.total_steps)
+        )
+        self.stats = LatentStats(f, cfg.train.dead_window_tokens, self.dist.device)
+        self.sums = MetricSums(d, self.dist.device)
+        self.step = 0
+        self.run_id: str | None = None
+        if self.ckpt_path is not None:
+            self._load(self.ckpt_path)
+        else:
+            self._init_from_data()
+        self.model = self.dist.wrap(self.sae)
+        self.tracker = self._make_tracker()
+        self.stop = StopRequest()
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _check_resumable(self, path: Path) -> None:
+        saved = config_from_dict(checkpoint.read_export(path)[1]["config"])
+        for section, keys in {"model": None, "sae": ("n_latents", "expansion")}.items():
+            old, new = getattr(saved, section), getattr(self.cfg, section)
+            for key in keys or old.__dataclass_fields__:
+                if getattr(old, key) != getattr(new, key):
+                    raise ConfigError(
+                        f"--resume {path}: {section}.{key} was {getattr(old, key)!r} in the "
+                        f"checkpoint but is {getattr(new, key)!r} now; resume with the same "
+                        "value or start a new run directory"
+                    )
+
+    def _init_from_data(self) -> None:
+        """``b_dec`` (and the input scale) from a token sample, drawn through the mixer."""
+        want = self.cfg.sae.init_sample_tokens
+        chunk = self.cfg.data.mix_buffer_tokens // 2
+        parts = [self.stream.next_batch(min(chunk, want - i)) for i in range(0, want, chunk)]
+        self.sae.init_from_sample(
+            torch.cat(parts), self.cfg.sae.init_b_dec, self.cfg.sae.scale_inputs
+        )
+        log.info(
+            "initialised b_dec (%s) from %d tokens; input scale %.4g",
+            self.cfg.sae.init_b_dec,
+            want,
+            self.sae.input_scale.item(),
+        )
+
+    def _make_tracker(self) -> Tracker | NullTracker:
+        t = self.cfg.tracking
+        if not self.dist.is_main:
+            return NullTracker()
+        tracker = Tracker(
+            self.run_dir,
+            enabled=t.enabled,
+            tracking_uri=t.tracking_uri,
+            experiment=t.experiment,
+            run_name=t.run_name or self.run_dir.resolve().name,
+            run_id=self.run_id,
+            flush_timeout_s=t.flush_timeout_s,
+        )
+        if self.ckpt_path is None:
+            params = self.cfg.flat()
+            params.update(
+                {
+                    "kernels/path": self.kernel_path,
+                    "plan/batch_tokens": self.plan.batch_tokens,
+                    "plan/total_steps": self.plan.total_steps,
+                    "plan/tokens_per_image": self.plan.tokens_per_image,
+                    "sae/d_in": self.sae.d_in,
+                    "sae/n_latents": self.sae.n_latents,
+                    "model/layer_index": self.layer,
+                    "distributed/world_size": self.dist.world_size,
+                }
+            )
+            tracker.log_params(params)
+            config_yaml = self.run_dir / "config.yaml"
+            checkpoint.atomic_write(
+                config_yaml, lambda p: p.write_text(yaml.safe_dump(self.cfg.to_dict()))
+            )
+            tracker.log_artifact(config_yaml)
+        return tracker
+
+    # -- state -------------------------------------------------------------------------------
+
+    def cfg_json(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "config": c.to_dict(),
+            "d_in": self.sae.d_in,
+            "n_latents": self.sae.n_latents,
+            "model": c.model.name,
+            "pretrained": c.model.pretrained,
+            "layer": self.layer,
+            "hook": f"visual.transformer.resblocks.{self.layer} (output, residual stream)",
+            "tokens": c.model.tokens,
+            "mse_norm": c.sae.mse_norm,
+            "input_scale": float(self.sae.input_scale),
+            "note": "weights act on raw activations; latents equal the trained ones / input_scale",
+            "step": self.step,
+            "tokens_seen": self.step * self.plan.batch_tokens,
+            "mlflow_run_id": self.run_id,
+        }
+
+    def _state(self) -> dict[str, Any]:
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "sae": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "stats": self.stats.state_dict(),
+            "rng": rng,
+            "run_id": getattr(self.tracker, "run_id", None) or self.run_id,
+        }
+
+    def _load(self, path: Path) -> None:
+        state, stream = checkpoint.load_state(path, self.dist.rank, self.dist.world_size)
+        self.sae.load_state_dict(state["sae"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.stats.load_state_dict(state["stats"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.stream.load_state_dict(stream)
+        self.step, self.run_id = state["step"], state["run_id"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def save(self) -> Path | None:
+        if self.dist.is_main:
+            checkpoint.begin(self.run_dir, self.step)
+        self.dist.barrier()
+        tmp = checkpoint.step_dir(self.run_dir, self.step).with_suffix(".tmp")
+        checkpoint.save_stream(tmp, self.dist.rank, self.stream.state_dict())
+        self.dist.barrier()
+        final = None
+        if self.dist.is_main:
+            final = checkpoint.commit(
+                tmp,
+                tensors=self.sae.export_tensors(),
+                cfg_json=self.cfg_json(),
+                state=self._state(),
+                world_size=self.dist.world_size,
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        self.dist.barrier()
+        return final
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def train_step(self, x_ND: Tensor) -> None:
+        sae_cfg = self.cfg.sae
+        ghost = self.stats.ghost_mask(sae_cfg.ghost_window_steps) if sae_cfg.ghost_grads else None
+        out = self.model(
+            x_ND,
+            l1_coeff=sae_cfg.l1_coeff,
+            mse_norm=sae_cfg.mse_norm,
+            l1_decoder_norm=sae_cfg.l1_decoder_norm,
+            ghost_mask_F=ghost,
+        )
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.sae.remove_parallel_grads()
+        self.opt.step()
+        self.sched.step()
+        self.sae.normalize_decoder()
+        with torch.no_grad():
+            fired_F = self.dist.all_reduce_sum((out.f_NF > 0).sum(dim=0))
+            self.stats.update(fired_F, self.plan.batch_tokens)
+            self.sums.add(out, x_ND.to(self.sae.W_enc.dtype) * self.sae.input_scale)
+        self.step += 1
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    def log_metrics(self, clock: dict[str, float]) -> dict[str, float]:
+        """The loop's one host sync: reduce the interval's sums over ranks and log them."""
+        packed = self.dist.all_reduce_sum(self.sums.packed())
+        metrics = self.sums.compute(packed)
+        steps = packed[MetricSums.FIELDS.index("steps")].item() / self.dist.world_size
+        now = time.perf_counter()
+        elapsed = max(now - clock["t"], 1e-9)
+        wait = self.stream.wait_s - clock["wait"]
+        images = torch.tensor(
+            [float(self.stream.images_seen - clock["images"]), float(self.stream.skipped_total)],
+            dtype=torch.float64,
+        )
+        images = self.dist.all_reduce_sum(images.to(self.dist.device)).tolist()
+        metrics.update(
+            {
+                "sparsity/dead_frac": float(self.stats.dead_frac()),
+                "sparsity/dense_frac": float(self.stats.dense_frac()),
+                "perf/tokens_per_s": steps * self.plan.batch_tokens / elapsed,
+                "perf/images_per_s": images[0] / elapsed,
+                "perf/data_wait_frac": min(wait / elapsed, 1.0),
+                "opt/lr": self.sched.get_last_lr()[0],
+                "opt/grad_norm": self._grad_norm(),
+                "data/skipped": images[1],
+                "data/epoch": float(self.stream.epoch),
+            }
+        )
+        self.tracker.log_metrics(metrics, step=self.step)
+        self.sums.reset()
+        clock.update(t=now, wait=self.stream.wait_s, images=self.stream.images_seen)
+        if self.dist.is_main:
+            log.info(
+                "step %d/%d | %.0f tok/s | loss %.4g | fvu %.4f | l0 %.1f | dead %.3f | wait %.0f%%",
+                self.step,
+                self.plan.total_steps,
+                metrics["perf/tokens_per_s"],
+                metrics["loss/total"],
+                metrics["quality/fvu"],
+                metrics["sparsity/l0"],
+                metrics["sparsity/dead_frac"],
+                100 * metrics["perf/data_wait_frac"],
+            )
+        return metrics
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([float(self.stop.requested)], device=self.dist.device)
+        return bool(self.dist.all_reduce_max(flag).item())
+
+    def run(self) -> dict[str, Any]:
+        """Train to ``plan.total_steps`` (or until a stop signal); returns a summary."""
+        cfg, total = self.cfg.train, self.plan.total_steps
+        self.run_id = self.tracker.run_id or self.run_id
+        clock = {
+            "t": time.perf_counter(),
+            "wait": self.stream.wait_s,
+            "images": self.stream.images_seen,
+        }
+        metrics: dict[str, float] = {}
+        status, interrupted = "FINISHED", False
+        try:
+            while self.step < total:
+                self.train_step(self.stream.next_batch(self.plan.local_tokens))
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    metrics = self.log_metrics(clock)
+                    if self._stop_requested():
+                        interrupted = True
+                        break
+                if (
+                    cfg.checkpoint_every
+                    and self.step % cfg.checkpoint_every == 0
+                    and self.step < total
+                ):
+                    self.save()
+            self.save()
+            if not interrupted:
+                self._finish()
+            else:
+                status = "KILLED"
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self.tracker.close(status="RUNNING" if interrupted else status)
+            self.dist.close()
+        return {"step": self.step, "interrupted": interrupted, "metrics": metrics}
+
+    def _finish(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_id = self.tracker.run_id or self.run_id
+        checkpoint.write_export(self.run_dir, self.sae.export_tensors(), self.cfg_json())
+        plot = density_histogram(self.stats.density().cpu(), self.run_dir / "density_hist.png")
+        self.tracker.log_artifact(plot, "plots")
+        self.tracker.log_artifact(self.run_dir / "sae.safetensors", "sae")
+        self.tracker.log_artifact(self.run_dir / "cfg.json", "sae")
+
+
+def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    return Trainer(cfg, resume).run()

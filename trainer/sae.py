@@ -1,0 +1,141 @@
+"""The PatchSAE sparse autoencoder: parameters, initialisation, decoder constraint, export.
+
+Shape legend: N tokens, D model width, F latents.
+
+    f_NF     = relu((x_ND - b_dec_D) @ W_enc_DF + b_enc_F)
+    x_hat_ND = f_NF @ W_dec_FD + b_dec_D
+
+The math lives in ``kernels`` (one entry point that dispatches); this module holds no
+parallelism.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+import kernels
+from kernels import SAEOutput
+
+
+def geometric_median(points_ND: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
+    """The point minimising the sum of Euclidean distances to ``points_ND`` (Weiszfeld's
+    algorithm, in float64). Robust to outliers, unlike the mean."""
+    pts = points_ND.double()
+    median = pts.mean(dim=0)
+    for _ in range(max_iter):
+        dist_N = (pts - median).norm(dim=-1).clamp_min(1e-12)
+        weights_N = 1.0 / dist_N
+        new = (weights_N[:, None] * pts).sum(dim=0) / weights_N.sum()
+        shift = (new - median).norm()
+        median = new
+        if shift <= tol * (1.0 + median.norm()):
+            break
+    return median.to(points_ND.dtype)
+
+
+class SparseAutoencoder(nn.Module):
+    """ReLU SAE with untied weights and unit-norm decoder rows."""
+
+    def __init__(self, d_in: int, n_latents: int) -> None:
+        super().__init__()
+        self.d_in, self.n_latents = d_in, n_latents
+        self.W_enc = nn.Parameter(torch.empty(d_in, n_latents))
+        self.b_enc = nn.Parameter(torch.zeros(n_latents))
+        self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        # Multiplies inputs before the SAE sees them; folded into the weights on export.
+        self.register_buffer("input_scale", torch.ones(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Untied Kaiming-uniform init, ``b_enc = 0``, decoder rows at unit norm."""
+        # kaiming_uniform_ takes fan_in from dim 1; W_enc is [D, F] so init its transpose.
+        nn.init.kaiming_uniform_(self.W_enc.T, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+        self.normalize_decoder()
+
+    @torch.no_grad()
+    def init_from_sample(self, x_ND: Tensor, b_dec: str, scale_inputs: bool) -> None:
+        """Set the input scale (mean token norm -> sqrt(D)) and ``b_dec`` from a token sample."""
+        x_ND = x_ND.to(self.W_enc.device, torch.float32)
+        if scale_inputs:
+            mean_norm = x_ND.norm(dim=-1).mean().clamp_min(1e-8)
+            self.input_scale.fill_(math.sqrt(self.d_in) / mean_norm.item())
+        x_ND = x_ND * self.input_scale
+        if b_dec == "geometric_median":
+            self.b_dec.copy_(geometric_median(x_ND))
+        elif b_dec == "mean":
+            self.b_dec.copy_(x_ND.mean(dim=0))
+        elif b_dec == "zeros":
+            self.b_dec.zero_()
+        else:
+            raise ValueError(f"unknown b_dec init {b_dec!r}; use geometric_median, mean or zeros")
+
+    def forward(
+        self,
+        x_ND: Tensor,
+        *,
+        l1_coeff: float,
+        mse_norm: str = "none",
+        l1_decoder_norm: bool = False,
+        ghost_mask_F: Tensor | None = None,
+    ) -> SAEOutput:
+        x_ND = x_ND.to(self.W_enc.dtype) * self.input_scale
+        return kernels.sae_loss(
+            x_ND,
+            self.W_enc,
+            self.b_enc,
+            self.W_dec,
+            self.b_dec,
+            l1_coeff=l1_coeff,
+            mse_norm=mse_norm,
+            l1_decoder_norm=l1_decoder_norm,
+            ghost_mask_F=ghost_mask_F,
+        )
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Rescale each decoder row to unit L2 norm (after every optimiser step)."""
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+
+    @torch.no_grad()
+    def remove_parallel_grads(self) -> None:
+        """Project out the component of each decoder row's gradient along that row, so that a
+        step moves along the unit sphere (before the optimiser step)."""
+        if self.W_dec.grad is None:
+            return
+        W_FD = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        parallel_F = (self.W_dec.grad * W_FD).sum(dim=-1, keepdim=True)
+        self.W_dec.grad.sub_(parallel_F * W_FD)
+
+    @torch.no_grad()
+    def export_tensors(self) -> dict[str, Tensor]:
+        """Weights that act on unscaled inputs, for ``sae.safetensors``.
+
+        Training sees ``s * x``. Since ReLU is positively homogeneous, dividing the code by ``s``
+        gives an SAE on raw ``x`` with the same decoder rows (still unit norm):
+        ``W_enc, b_enc / s, W_dec, b_dec / s``; its latents are the trained ones divided by s.
+        """
+        s = self.input_scale.float()
+        return {
+            "W_enc": self.W_enc.detach().float().contiguous(),
+            "b_enc": (self.b_enc / s).detach().float().contiguous(),
+            "W_dec": self.W_dec.detach().float().contiguous(),
+            "b_dec": (self.b_dec / s).detach().float().contiguous(),
+        }
+
+    @classmethod
+    def from_exported(cls, tensors: dict[str, Tensor]) -> SparseAutoencoder:
+        """Rebuild an SAE (input scale 1) from ``export_tensors`` output."""
+        d_in, n_latents = tensors["W_enc"].shape
+        sae = cls(d_in, n_latents)
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(tensors[name])
+        return sae
