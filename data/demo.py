@@ -133,9 +133,11 @@ def _background(rng: np.random.Generator, size: int) -> tuple[str, np.ndarray]:
     strength = rng.uniform(20, 50)
     coarse = rng.normal(0, strength, (4, 4, 3))
     channels = [
-        np.asarray(Image.fromarray(coarse[..., c].astype(np.float32), mode="F").resize(
-            (size, size), Image.BICUBIC
-        ))
+        np.asarray(
+            Image.fromarray(coarse[..., c].astype(np.float32), mode="F").resize(
+                (size, size), Image.BICUBIC
+            )
+        )
         for c in range(3)
     ]
     return kind, np.clip(muted() + np.stack(channels, axis=-1), 0, 255)

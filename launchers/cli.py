@@ -14,8 +14,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from data.shards import ShardError
     from trainer.checkpoint import CheckpointError
     from trainer.config import ConfigError
+    from trainer.tracking import SyncError
 
-    return (ConfigError, ModelError, ShardError, CheckpointError)
+    return (ConfigError, ModelError, ShardError, CheckpointError, SyncError)
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ methods are no-ops in a single process, so the training loop never branches on i
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -101,6 +102,15 @@ class Distributed:
         out: list[object] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
+
+    def replica_digests(self, model: nn.Module) -> list[str]:
+        """Every rank's SHA-256 of its parameters, in rank order. Data parallelism keeps
+        replicas bit-identical; a difference means ranks diverged (a bug, not noise)."""
+        digest = hashlib.sha256()
+        for name, param in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return [str(d) for d in self.all_gather_object(digest.hexdigest())]
 
     def barrier(self) -> None:
         if self.active:

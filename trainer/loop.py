@@ -5,6 +5,7 @@ Shape legend: N tokens, D model width, F latents.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import signal
@@ -401,8 +402,14 @@ class Trainer:
         return {"step": self.step, "interrupted": interrupted, "metrics": metrics}
 
     def _finish(self) -> None:
+        digests = self.dist.replica_digests(self.sae)
         if not self.dist.is_main:
             return
+        checkpoint.atomic_write(
+            self.run_dir / "replicas.json", lambda p: p.write_text(json.dumps(digests, indent=1))
+        )
+        if len(set(digests)) != 1:
+            log.error("ranks hold different SAE weights at the end: %s", digests)
         self.run_id = self.tracker.run_id or self.run_id
         checkpoint.write_export(self.run_dir, self.sae.export_tensors(), self.cfg_json())
         plot = density_histogram(self.stats.density().cpu(), self.run_dir / "density_hist.png")

@@ -1,0 +1,226 @@
+"""Throughput of the training pipeline's stages, printed as a table.
+
+For each setting it measures, in one process:
+
+- data: images/s of shard reading + decoding + CLIP preprocess (the DataLoader alone);
+- data+CLIP: images/s of the full activation stage (loader + frozen ViT forward to the hook);
+- SAE step: tokens/s of forward + backward + Adam + decoder renorm on random tokens;
+- end to end: tokens/s and data-wait fraction of the real training loop (``Trainer``).
+
+Settings: the demo (tiny ViT, 64 px, 128 -> 1,024 latents) and ViT-B-16 at 224 px with a
+768 -> 8,192 SAE (random weights: same cost as the real ones, nothing to download).
+
+    python benchmarks/throughput.py [--device cpu|cuda] [--only demo|vit-b16]
+
+Numbers vary with machine load; compare ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from data.activations import ActivationSource, load_visual  # noqa: E402
+from data.demo import make_demo_data  # noqa: E402
+from data.shards import ImageShards, OrderedBatches, expand_urls  # noqa: E402
+from trainer.config import load_config  # noqa: E402
+from trainer.loop import Trainer  # noqa: E402
+from trainer.sae import SparseAutoencoder  # noqa: E402
+from trainer.tracking import read_metrics  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Setting:
+    name: str
+    model: str
+    image_size: int
+    n_latents: int
+    images: int  # images read for the data stages
+    clip_batch: int
+    sae_batch: int  # tokens per SAE step
+    e2e_steps: int
+
+
+SETTINGS = {
+    "demo": Setting("demo", "patchsae-demo-vit", 64, 1024, 400, 50, 2048, 40),
+    "vit-b16": Setting("vit-b16", "ViT-B-16", 224, 8192, 48, 16, 1024, 4),
+}
+
+
+def _timed(fn, *args) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn(*args)
+    return time.perf_counter() - start, out
+
+
+def data_rate(shards: ImageShards, images: int, workers: int) -> float:
+    def run():
+        seen = 0
+        shards.set_position(0)
+        batches = OrderedBatches(DataLoader(shards, batch_size=None, num_workers=workers), workers)
+        for batch in batches:
+            seen += len(batch["pixels"])
+            if seen >= images:
+                break
+        return seen
+
+    seconds, seen = _timed(run)
+    return seen / seconds
+
+
+def clip_rate(shards: ImageShards, source: ActivationSource, images: int, workers: int) -> float:
+    def run():
+        seen = 0
+        shards.set_position(0)
+        batches = OrderedBatches(DataLoader(shards, batch_size=None, num_workers=workers), workers)
+        for batch in batches:
+            source(batch["pixels"])
+            seen += len(batch["pixels"])
+            if seen >= images:
+                break
+        if source.visual.conv1.weight.is_cuda:
+            torch.cuda.synchronize()
+        return seen
+
+    seconds, seen = _timed(run)
+    return seen / seconds
+
+
+def sae_rate(d: int, f: int, batch: int, device: str, steps: int = 5) -> float:
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(d, f).to(device)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
+    x = torch.randn(batch, d, device=device)
+
+    def step():
+        out = sae(x, l1_coeff=8e-5, ghost_mask_F=torch.zeros(f, dtype=torch.bool, device=device))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grads()
+        opt.step()
+        sae.normalize_decoder()
+
+    step()  # warm-up: allocator, Adam state
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - start)
+
+
+def end_to_end(s: Setting, shards_dir: Path, out: Path, device: str, workers: int) -> dict:
+    overrides = [
+        f"model.name={s.model}",
+        f"data.urls={shards_dir}",
+        f"data.num_workers={workers}",
+        f"data.images_per_batch={s.clip_batch}",
+        f"data.mix_buffer_tokens={4 * s.sae_batch}",
+        f"sae.n_latents={s.n_latents}",
+        "sae.expansion=null",
+        f"sae.init_sample_tokens={s.sae_batch}",
+        f"train.batch_tokens={s.sae_batch}",
+        f"train.total_tokens={s.e2e_steps * s.sae_batch}",
+        "train.total_images=null",
+        "train.log_every=1",
+        "train.checkpoint_every=0",
+        f"train.device={device}",
+        f"train.out_dir={out}",
+        "tracking.enabled=false",
+    ]
+    Trainer(load_config(ROOT / "configs" / "demo.yaml", overrides)).run()
+    metrics = read_metrics(out)
+    # Skip the first logged step: it includes filling the mixer from empty.
+    mean = lambda key: sum(v for _, v in metrics[key][1:]) / max(len(metrics[key]) - 1, 1)
+    return {k: mean(k) for k in ("perf/tokens_per_s", "perf/data_wait_frac", "perf/images_per_s")}
+
+
+def bench(s: Setting, device: str, workers: int, tmp: Path) -> dict:
+    shards_dir = tmp / f"shards-{s.name}"
+    n_images = max(s.images, 200)
+    make_demo_data(shards_dir, n_images=n_images, image_size=s.image_size, images_per_shard=50)
+    visual, preprocess = load_visual(s.model, None, cache_dir=None, init_seed=0)
+    source = ActivationSource(visual.to(device), -2, "all")
+    shards = ImageShards(
+        expand_urls(str(shards_dir)),
+        preprocess,
+        batch_size=s.clip_batch,
+        shuffle_shards=False,
+        shuffle_buffer=0,
+        seed=0,
+    )
+    row = {
+        "setting": s.name,
+        "model": f"{s.model} {s.image_size}px, {source.tokens_per_image} tok/img",
+        "sae": f"{source.width} x {s.n_latents}",
+        "data img/s": data_rate(shards, s.images, workers),
+        "data+CLIP img/s": clip_rate(shards, source, s.images, workers),
+        "SAE step tok/s": sae_rate(source.width, s.n_latents, s.sae_batch, device),
+    }
+    e2e = end_to_end(s, shards_dir, tmp / f"run-{s.name}", device, workers)
+    row.update(
+        {
+            "train tok/s": e2e["perf/tokens_per_s"],
+            "train img/s": e2e["perf/images_per_s"],
+            "data-wait": e2e["perf/data_wait_frac"],
+        }
+    )
+    return row
+
+
+def print_table(rows: list[dict], device: str, workers: int) -> None:
+    cols = list(rows[0])
+    fmt = lambda v: (
+        f"{v:,.2f}"
+        if isinstance(v, float) and v < 10
+        else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+    )
+    cells = [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    name = (
+        torch.cuda.get_device_name()
+        if device == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    print(f"\nthroughput on {name}; DataLoader workers: {workers}; torch {torch.__version__}")
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=sorted(SETTINGS), action="append")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.only or list(SETTINGS):
+            rows.append(bench(SETTINGS[name], args.device, args.workers, Path(tmp)))
+    print_table(rows, args.device, args.workers)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

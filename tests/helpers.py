@@ -1,0 +1,68 @@
+"""Helpers for tests that run the real CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def small_overrides(shards: Path, out_dir: Path, **extra: object) -> list[str]:
+    """A short demo run on the session's small shards: 8 steps of 1,024 tokens."""
+    values: dict[str, object] = {
+        "data.urls": shards,
+        "data.num_workers": 1,
+        "data.images_per_batch": 16,
+        "data.mix_buffer_tokens": 4096,
+        "sae.init_sample_tokens": 1024,
+        "train.batch_tokens": 1024,
+        "train.total_tokens": 8 * 1024,
+        "train.total_images": None,
+        "train.warmup_steps": 2,
+        "train.log_every": 1,
+        "train.checkpoint_every": 4,
+        "train.dead_window_tokens": 4096,
+        "train.out_dir": out_dir,
+        "train.threads": 1,
+    }
+    values.update(extra)
+    return [f"{k}={'null' if v is None else v}" for k, v in values.items()]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.update(extra)
+    return env
+
+
+def train_cmd(overrides: list[str], *, config: Path = DEMO, resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "launchers.train", "--config", str(config)]
+    for item in overrides:
+        cmd += ["--set", item]
+    return cmd + (["--resume"] if resume else [])
+
+
+def run_train(
+    overrides: list[str], *, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        train_cmd(overrides, **kwargs),
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+    return proc

@@ -1,0 +1,39 @@
+"""torchrun with 2 gloo processes on CPU trains one SAE, and both replicas stay identical."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from safetensors.torch import load_file
+
+from tests.helpers import DEMO, ROOT, cli_env, small_overrides
+from trainer.tracking import read_metrics
+
+
+def test_torchrun_two_ranks_identical_weights(tmp_path, demo_shards):
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "launchers.train", "--config", str(DEMO),
+    ]  # fmt: skip
+    for item in small_overrides(demo_shards, out, **{"train.total_tokens": 6 * 1024}):
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    digests = json.loads((out / "replicas.json").read_text())
+    assert len(digests) == 2 and digests[0] == digests[1]
+    tensors = load_file(out / "sae.safetensors")
+    assert tensors["W_enc"].shape == (128, 1024)
+    # One writer: each step's metrics appear once, from rank 0, with global token counts.
+    history = read_metrics(out)["loss/total"]
+    assert [step for step, _ in history] == list(range(1, 7))
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["tokens_seen"] == 6 * 1024
+    # Both ranks' data positions are in the checkpoint.
+    last = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    assert sorted(p.name for p in last.glob("stream_rank*.pt")) == [
+        "stream_rank0.pt",
+        "stream_rank1.pt",
+    ]
