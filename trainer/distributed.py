@@ -109,7 +109,7 @@ class Distributed:
         digest = hashlib.sha256()
         for name, param in sorted(model.state_dict().items()):
             digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return [str(d) for d in self.all_gather_object(digest.hexdigest())]
 
     def barrier(self) -> None:
