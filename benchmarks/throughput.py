@@ -58,7 +58,7 @@ class Setting:
 
 SETTINGS = {
     "demo": Setting("demo", "patchsae-demo-vit", 64, 1024, 400, 50, 2048, 40),
-    "vit-b16": Setting("vit-b16", "ViT-B-16", 224, 8192, 48, 16, 1024, 4),
+    "vit-b16": Setting("vit-b16", "ViT-B-16", 224, 8192, 48, 16, 1024, 8),
 }
 
 
@@ -132,7 +132,8 @@ def end_to_end(s: Setting, shards_dir: Path, out: Path, device: str, workers: in
         f"data.urls={shards_dir}",
         f"data.num_workers={workers}",
         f"data.images_per_batch={s.clip_batch}",
-        f"data.mix_buffer_tokens={4 * s.sae_batch}",
+        # The smallest mixer refills on every step, so each logged step includes its data cost.
+        f"data.mix_buffer_tokens={2 * s.sae_batch}",
         f"sae.n_latents={s.n_latents}",
         "sae.expansion=null",
         f"sae.init_sample_tokens={s.sae_batch}",
@@ -146,10 +147,22 @@ def end_to_end(s: Setting, shards_dir: Path, out: Path, device: str, workers: in
         "tracking.enabled=false",
     ]
     Trainer(load_config(ROOT / "configs" / "demo.yaml", overrides)).run()
-    metrics = read_metrics(out)
-    # Skip the first logged step: it includes filling the mixer from empty.
-    mean = lambda key: sum(v for _, v in metrics[key][1:]) / max(len(metrics[key]) - 1, 1)
-    return {k: mean(k) for k in ("perf/tokens_per_s", "perf/data_wait_frac", "perf/images_per_s")}
+    metrics = {k: [v for _, v in rows[1:]] for k, rows in read_metrics(out).items()}
+    # Skip the first logged step (it fills the mixer from empty), then pool the steps: rates
+    # are ratios, so they are summed as seconds, images and wait time, not averaged.
+    seconds = [s.sae_batch / rate for rate in metrics["perf/tokens_per_s"]]
+    total = sum(seconds)
+    return {
+        "perf/tokens_per_s": s.sae_batch * len(seconds) / total,
+        "perf/images_per_s": sum(
+            r * t for r, t in zip(metrics["perf/images_per_s"], seconds, strict=True)
+        )
+        / total,
+        "perf/data_wait_frac": sum(
+            w * t for w, t in zip(metrics["perf/data_wait_frac"], seconds, strict=True)
+        )
+        / total,
+    }
 
 
 def bench(s: Setting, device: str, workers: int, tmp: Path) -> dict:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tarfile
 import time
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
@@ -94,12 +98,31 @@ def _losses(run_dir):
     return {key: dict(read_metrics(run_dir)[key]) for key in ("loss/total", "quality/fvu")}
 
 
-def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, demo_shards):
-    steps = 40
-    extra = {"train.total_tokens": steps * 1024, "tracking.enabled": "false"}
-    full = tmp_path / "full"
-    run_train(small_overrides(demo_shards, full, **extra))
+RESUME_STEPS = 40
+RESUME_EXTRA = {"train.total_tokens": RESUME_STEPS * 1024, "tracking.enabled": "false"}
 
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, demo_shards):
+    """The reference: the resume tests' run, start to end without a break."""
+    full = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_train(small_overrides(demo_shards, full, **RESUME_EXTRA))
+    return full
+
+
+def _assert_same_run(full, resumed) -> None:
+    a, b = _losses(full), _losses(resumed)
+    for key in a:
+        assert sorted(b[key]) == list(range(1, RESUME_STEPS + 1))
+        for step, value in a[key].items():
+            assert abs(b[key][step] - value) <= 1e-6 * max(1.0, abs(value)), (key, step)
+    wa, wb = load_file(full / "sae.safetensors"), load_file(resumed / "sae.safetensors")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=0, atol=1e-6), name
+
+
+def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, demo_shards, uninterrupted):
+    steps, extra = RESUME_STEPS, RESUME_EXTRA
     cut = tmp_path / "cut"
     proc = subprocess.Popen(
         train_cmd(small_overrides(demo_shards, cut, **extra)),
@@ -121,15 +144,62 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, demo_shards):
     latest = (cut / "checkpoints" / "latest").read_text().strip()
 
     run_train(small_overrides(demo_shards, cut, **extra), resume=True)
-    a, b = _losses(full), _losses(cut)
-    for key in a:
-        assert sorted(b[key]) == list(range(1, steps + 1))
-        for step, value in a[key].items():
-            assert abs(b[key][step] - value) <= 1e-6 * max(1.0, abs(value)), (key, step)
-    wa, wb = load_file(full / "sae.safetensors"), load_file(cut / "sae.safetensors")
-    for name in wa:
-        assert torch.allclose(wa[name], wb[name], rtol=0, atol=1e-6), name
+    _assert_same_run(uninterrupted, cut)
     print(f"killed after step {killed_at}, resumed from {latest}")
+
+
+def test_stop_signal_checkpoints_and_resume_repeats_no_step(tmp_path, demo_shards, uninterrupted):
+    """SIGUSR1 (Slurm's warning before the time limit): checkpoint at the next log step, exit 0;
+    the resumed run neither loses nor repeats a step."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd(small_overrides(demo_shards, out, **RESUME_EXTRA)),
+        cwd=ROOT,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: len(read_metrics(out).get("loss/total", [])) >= 2, 300, "two steps")
+        proc.send_signal(signal.SIGUSR1)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped_at = max(step for step, _ in read_metrics(out)["loss/total"])
+    assert stopped_at < RESUME_STEPS
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped_at:08d}"
+    assert not (out / "sae.safetensors").exists()  # not finished: no final export yet
+
+    run_train(small_overrides(demo_shards, out, **RESUME_EXTRA), resume=True)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == list(range(1, RESUME_STEPS + 1))
+    _assert_same_run(uninterrupted, out)
+
+
+def test_corrupt_samples_are_skipped_and_reported(tmp_path, demo_shards):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    first = sorted(shards.glob("*.tar"))[0]
+    data = first.read_bytes()
+    (shards / "zz-truncated.tar").write_bytes(data[: len(data) // 2])
+    with tarfile.open(shards / "zz-corrupt.tar", "w") as tar:
+        for name, payload in [("bad0.png", b"not a png at all"), ("bad0.cls", b"3")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "run"
+    # ~1.5 epochs over the 240 + 20 readable images: every shard is read at least once.
+    run_train(small_overrides(shards, out, **{"train.total_tokens": 20 * 1024}))
+    skipped = read_metrics(out)["data/skipped"]
+    # Epoch 1: the corrupt image, and the truncated shard's cut-off sample.
+    assert skipped[-1][1] >= 2
+    info = read_run_info(out)
+    history = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_id"], "data/skipped")
+    assert max(m.value for m in history) == skipped[-1][1]
 
 
 def test_tracking_server_outage_loses_no_metric(tmp_path, demo_shards):
