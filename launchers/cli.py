@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="auto",
         default=None,
-        help="continue from the newest checkpoint in train.out_dir, or from the given folder",
+        help="continue from the newest checkpoint in train.out_dir (no value), from the given "
+        "checkpoint or run folder, or 'if-present': resume when train.out_dir has a checkpoint, "
+        "else start fresh (for requeued jobs)",
     )
     p.set_defaults(func=_train)
 

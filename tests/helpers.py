@@ -46,11 +46,18 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def train_cmd(overrides: list[str], *, config: Path = DEMO, resume: bool = False) -> list[str]:
+def train_cmd(
+    overrides: list[str], *, config: Path = DEMO, resume: bool | str = False
+) -> list[str]:
+    """``resume``: False (fresh), True (``--resume``) or a value (``--resume VALUE``)."""
     cmd = [sys.executable, "-m", "launchers.train", "--config", str(config)]
     for item in overrides:
         cmd += ["--set", item]
-    return cmd + (["--resume"] if resume else [])
+    if resume is True:
+        cmd.append("--resume")
+    elif resume:
+        cmd += ["--resume", str(resume)]
+    return cmd
 
 
 def run_train(

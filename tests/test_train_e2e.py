@@ -174,7 +174,8 @@ def test_stop_signal_checkpoints_and_resume_repeats_no_step(tmp_path, demo_shard
     assert latest == f"step_{stopped_at:08d}"
     assert not (out / "sae.safetensors").exists()  # not finished: no final export yet
 
-    run_train(small_overrides(demo_shards, out, **RESUME_EXTRA), resume=True)
+    # A requeued job resumes through if-present.
+    run_train(small_overrides(demo_shards, out, **RESUME_EXTRA), resume="if-present")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines] == list(range(1, RESUME_STEPS + 1))
     _assert_same_run(uninterrupted, out)
@@ -246,7 +247,11 @@ def test_tracking_server_outage_loses_no_metric(tmp_path, demo_shards):
 
 def test_checkpoint_files_are_complete_and_atomic(tmp_path, demo_shards):
     out = tmp_path / "run"
-    run_train(small_overrides(demo_shards, out, **{"tracking.enabled": "false"}))
+    # if-present on an empty run directory starts a new run (what a first Slurm job does).
+    proc = run_train(
+        small_overrides(demo_shards, out, **{"tracking.enabled": "false"}), resume="if-present"
+    )
+    assert "starting a new run" in proc.stderr
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     # keep_checkpoints=2: steps 4 and 8 remain; no temp folder or file is left behind.
     assert ckpts == ["latest", "step_00000004", "step_00000008"]

@@ -29,7 +29,7 @@ from trainer.distributed import Distributed
 from trainer.metrics import LatentStats, MetricSums
 from trainer.plots import density_histogram
 from trainer.sae import SparseAutoencoder
-from trainer.tracking import NullTracker, Tracker
+from trainer.tracking import NullTracker, Tracker, read_run_info
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.layer = check_model(cfg.model)
         self.kernel_path = kernels.kernel_path()
-        self.ckpt_path = checkpoint.find_checkpoint(self.run_dir, resume) if resume else None
+        self.ckpt_path = self._find_resume(resume)
         if self.ckpt_path is not None:
             self._check_resumable(self.ckpt_path)
 
@@ -158,6 +158,19 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------
 
+    def _find_resume(self, resume: str | None) -> Path | None:
+        """``None``: fresh start; ``if-present``: the newest checkpoint of the run directory if
+        there is one (what a requeued job wants); anything else must name a checkpoint."""
+        if resume is None:
+            return None
+        if resume == "if-present":
+            try:
+                return checkpoint.find_checkpoint(self.run_dir, "auto")
+            except checkpoint.CheckpointError:
+                log.info("no checkpoint in %s: starting a new run", self.run_dir)
+                return None
+        return checkpoint.find_checkpoint(self.run_dir, resume)
+
     def _check_resumable(self, path: Path) -> None:
         saved = config_from_dict(checkpoint.read_export(path)[1]["config"])
         for section, keys in {"model": None, "sae": ("n_latents", "expansion")}.items():
@@ -189,6 +202,10 @@ class Trainer:
         t = self.cfg.tracking
         if not self.dist.is_main:
             return NullTracker()
+        if self.ckpt_path is not None and self.run_id is None:
+            # The checkpoint was written before the server first answered: the tracker may
+            # have created the run later and recorded it beside the checkpoints.
+            self.run_id = (read_run_info(self.run_dir) or {}).get("run_id")
         tracker = Tracker(
             self.run_dir,
             enabled=t.enabled,
