@@ -108,7 +108,7 @@ class MetricSums:
                 (out.f_NF > 0).sum().double(),
                 (x - out.x_hat_ND.detach().double()).pow(2).sum(),
                 x.pow(2).sum(),
-                torch.tensor(float(n), dtype=torch.float64, device=x.device),
+                torch.full((), float(n), dtype=torch.float64, device=x.device),  # no H2D sync
                 torch.ones((), dtype=torch.float64, device=x.device),
             ]
         )
