@@ -1,6 +1,20 @@
-"""SAE math: the eager reference (the specification) and the dispatching entry point."""
+"""SAE math: the eager reference (the specification), the Triton kernels and the dispatching
+entry point."""
 
-from kernels.dispatch import kernel_path, sae_loss
+from kernels.dispatch import (
+    kernel_path,
+    sae_loss,
+    set_sparse_threshold,
+    sparse_threshold,
+    stats,
+)
 from kernels.reference import SAEOutput
 
-__all__ = ["SAEOutput", "kernel_path", "sae_loss"]
+__all__ = [
+    "SAEOutput",
+    "kernel_path",
+    "sae_loss",
+    "set_sparse_threshold",
+    "sparse_threshold",
+    "stats",
+]

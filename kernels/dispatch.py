@@ -1,34 +1,122 @@
 """The one entry point the trainer calls for the SAE forward pass and loss.
 
-It picks an implementation: ``PATCHSAE_KERNELS=eager|triton|auto`` (default ``auto``).
-Today only the eager reference exists; ``auto`` resolves to it on every device.
+``PATCHSAE_KERNELS`` picks the implementation:
+
+- ``auto`` (default): the Triton kernels for CUDA tensors, the eager reference elsewhere;
+- ``eager``: the reference (``kernels.reference``) everywhere;
+- ``triton``: the Triton kernels; on a host without a GPU only under Triton's interpreter
+  (``TRITON_INTERPRET=1`` set before Python starts; slow, for tests).
+
+Inputs the kernels do not take (float64, mixed dtypes or devices, bf16 in the interpreter,
+empty batches) run on the reference; ``stats.eager_fallbacks`` counts them.
+
+On the Triton path each batch goes sparse when its measured density (active entries /
+(tokens * latents)) is at or below ``sparse_threshold()`` (``set_sparse_threshold`` or
+``PATCHSAE_SPARSE_THRESHOLD``; 0 turns the sparse path off); see ``kernels.autograd`` for the
+one host sync per step this costs and why.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
+from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from kernels.reference import SAEOutput
 from kernels.reference import sae_loss as eager_sae_loss
 
 KERNEL_CHOICES = ("auto", "eager", "triton")
+DEFAULT_SPARSE_THRESHOLD = 0.003
+"""Break-even density on an H100 (bf16): the sparse path saves about 8 N D F FLOPs of dense
+GEMMs (about 1,000 TFLOP/s peak, ~600 reached) and spends about 8 N D L0 bytes of gathers
+(3.35 TB/s peak, ~2 TB/s reached), so it wins while L0 / F < ~2e12 / 6e14, about 0.3%
+(DESIGN.md). Re-measure with ``benchmarks/kernels.py`` on other cards."""
+
+_threshold_override: float | None = None
+_warned: set[str] = set()
 
 
-def kernel_path() -> str:
-    """The implementation ``sae_loss`` runs, as logged to MLflow (param ``kernels/path``)."""
+@dataclass
+class KernelStats:
+    """Host-side counters of ``sae_loss`` calls (no device work); the trainer logs
+    ``sparse_steps / steps`` as ``perf/sparse_step_frac``."""
+
+    steps: int = 0
+    sparse_steps: int = 0
+    eager_fallbacks: int = 0
+
+    @property
+    def sparse_step_frac(self) -> float:
+        return self.sparse_steps / self.steps if self.steps else 0.0
+
+    def reset(self) -> None:
+        self.steps = self.sparse_steps = self.eager_fallbacks = 0
+
+
+stats = KernelStats()
+
+
+def _choice() -> str:
     choice = os.environ.get("PATCHSAE_KERNELS", "auto").strip().lower() or "auto"
     if choice not in KERNEL_CHOICES:
         raise ValueError(
             f"PATCHSAE_KERNELS={choice!r} is not valid; use one of {list(KERNEL_CHOICES)}"
         )
-    if choice == "triton":
-        raise NotImplementedError(
-            "PATCHSAE_KERNELS=triton: the Triton kernels are not part of this version yet; "
-            "unset PATCHSAE_KERNELS or set it to 'eager'"
+    return choice
+
+
+def kernel_path() -> str:
+    """The implementation ``sae_loss`` runs, as logged to MLflow (param ``kernels/path``):
+    ``"triton"`` or ``"eager"``. ``auto`` reports ``"triton"`` when a GPU and Triton are there
+    (CPU tensors still run eager)."""
+    choice = _choice()
+    if choice == "eager":
+        return "eager"
+    if choice == "auto":
+        return "triton" if torch.cuda.is_available() and _triton_importable() else "eager"
+    if not _triton_importable():
+        raise RuntimeError("PATCHSAE_KERNELS=triton: triton is not installed; pip install triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        raise RuntimeError(
+            "PATCHSAE_KERNELS=triton needs a CUDA GPU; on a CPU host set TRITON_INTERPRET=1 "
+            "before Python starts (Triton's interpreter: slow, for tests) or unset "
+            "PATCHSAE_KERNELS"
         )
-    return "eager"
+    return "triton"
+
+
+def sparse_threshold() -> float:
+    """The density at or below which a batch takes the sparse path (0: never)."""
+    if _threshold_override is not None:
+        return _threshold_override
+    raw = os.environ.get("PATCHSAE_SPARSE_THRESHOLD", "").strip()
+    if not raw:
+        return DEFAULT_SPARSE_THRESHOLD
+    try:
+        return _valid_threshold(float(raw))
+    except ValueError:
+        raise ValueError(
+            f"PATCHSAE_SPARSE_THRESHOLD={raw!r} is not valid; use a density in [0, 1] "
+            f"(0 turns the sparse path off; default {DEFAULT_SPARSE_THRESHOLD})"
+        ) from None
+
+
+def set_sparse_threshold(threshold: float | None) -> float | None:
+    """Override the sparse threshold for this process (``None``: back to the environment /
+    default). Returns the previous override."""
+    global _threshold_override
+    previous = _threshold_override
+    _threshold_override = None if threshold is None else _valid_threshold(float(threshold))
+    return previous
+
+
+def _valid_threshold(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"sparse threshold {value} is not a density in [0, 1]")
+    return value
 
 
 def sae_loss(
@@ -44,15 +132,66 @@ def sae_loss(
     ghost_mask_F: Tensor | None = None,
 ) -> SAEOutput:
     """SAE forward pass and loss; same contract as ``kernels.reference.sae_loss``."""
-    kernel_path()
+    choice = _choice()
+    tensors = (x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D)
+    stats.steps += 1
+    if choice == "triton" or (choice == "auto" and x_ND.is_cuda and _triton_importable()):
+        kernel_path()  # a clear error when the Triton path cannot run here
+        reason = _unsupported(tensors)
+        if reason is None:
+            from kernels.autograd import triton_sae_loss
+
+            out, info = triton_sae_loss(
+                *tensors,
+                l1_coeff=l1_coeff,
+                mse_norm=mse_norm,
+                l1_decoder_norm=l1_decoder_norm,
+                ghost_mask_F=ghost_mask_F,
+                sparse_threshold=sparse_threshold(),
+            )
+            stats.sparse_steps += info.sparse
+            return out
+        stats.eager_fallbacks += 1
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(
+                f"Triton SAE kernels: {reason}; running the eager reference", stacklevel=2
+            )
     return eager_sae_loss(
-        x_ND,
-        W_enc_DF,
-        b_enc_F,
-        W_dec_FD,
-        b_dec_D,
+        *tensors,
         l1_coeff=l1_coeff,
         mse_norm=mse_norm,
         l1_decoder_norm=l1_decoder_norm,
         ghost_mask_F=ghost_mask_F,
     )
+
+
+def _unsupported(tensors: tuple[Tensor, ...]) -> str | None:
+    """Why the Triton kernels cannot take these inputs, or None."""
+    x = tensors[0]
+    if any(t.dtype != x.dtype for t in tensors) or x.dtype not in (
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    ):
+        return f"dtypes {sorted({str(t.dtype) for t in tensors})} (need one of fp32/fp16/bf16)"
+    if any(t.device != x.device for t in tensors):
+        return "tensors on different devices"
+    if x.device.type != "cuda":
+        from kernels import triton_kernels
+
+        if not triton_kernels.INTERPRET:
+            return "CPU tensors outside Triton's interpreter (TRITON_INTERPRET=1)"
+        if x.dtype == torch.bfloat16:
+            return "bf16 in Triton's CPU interpreter (no bf16 arithmetic there)"
+    if x.dim() != 2 or 0 in (*x.shape, tensors[1].shape[1]):
+        return f"input shape {tuple(x.shape)}"
+    return None
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -61,12 +61,12 @@ def train_cmd(
 
 
 def run_train(
-    overrides: list[str], *, timeout: float = 600, **kwargs
+    overrides: list[str], *, timeout: float = 600, env: dict[str, str] | None = None, **kwargs
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         train_cmd(overrides, **kwargs),
         cwd=ROOT,
-        env=cli_env(),
+        env=cli_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -265,3 +265,26 @@ def test_checkpoint_files_are_complete_and_atomic(tmp_path, demo_shards):
     exported = load_file(out / "sae.safetensors")
     in_ckpt = load_file(final / "sae.safetensors")
     assert all(torch.equal(exported[k], in_ckpt[k]) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+
+
+def test_triton_path_is_recorded_in_mlflow(tmp_path, demo_shards):
+    """PATCHSAE_KERNELS=triton (Triton's interpreter on CPU: tiny sizes) runs the fused kernels
+    and MLflow records the path and the share of sparse steps."""
+    out = tmp_path / "run"
+    small = {
+        "sae.n_latents": 64,
+        "sae.expansion": None,
+        "train.batch_tokens": 128,
+        "train.total_tokens": 2 * 128,
+        "data.mix_buffer_tokens": 1024,
+        "sae.init_sample_tokens": 256,
+        "train.checkpoint_every": 0,
+    }
+    env = {"PATCHSAE_KERNELS": "triton", "TRITON_INTERPRET": "1", "PATCHSAE_SPARSE_THRESHOLD": "1"}
+    run_train(small_overrides(demo_shards, out, **small), env=env)
+    info = read_run_info(out)
+    run = MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
+    assert run.data.params["kernels/path"] == "triton"
+    # Threshold 1: every batch is sparse enough for the sparse path.
+    assert [v for _, v in read_metrics(out)["perf/sparse_step_frac"]] == [1.0, 1.0]
+    assert run.data.metrics["perf/sparse_step_frac"] == 1.0

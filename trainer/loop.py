@@ -355,12 +355,14 @@ class Trainer:
                 "perf/data_wait_frac": min(wait / elapsed, 1.0),
                 "opt/lr": self.sched.get_last_lr()[0],
                 "opt/grad_norm": self._grad_norm(),
+                "perf/sparse_step_frac": kernels.stats.sparse_step_frac,
                 "data/skipped": images[1],
                 "data/epoch": float(self.stream.epoch),
             }
         )
         self.tracker.log_metrics(metrics, step=self.step)
         self.sums.reset()
+        kernels.stats.reset()
         clock.update(t=now, wait=self.stream.wait_s, images=self.stream.images_seen)
         if self.dist.is_main:
             log.info(
