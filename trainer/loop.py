@@ -78,19 +78,32 @@ def lr_factor(step: int, cfg: Config, total_steps: int) -> float:
 
 class StopRequest:
     """Set by SIGUSR1/SIGTERM (e.g. Slurm's warning before the time limit): the loop writes a
-    checkpoint at the next log step and exits cleanly."""
+    checkpoint at the next log step and exits cleanly.
+
+    ``restore()`` puts the previous handlers back when training ends. Under torchrun in
+    ``slurm/train.sh`` the previous disposition of USR1 is "ignore", so a warning resent while
+    the interpreter shuts down (when Python drops its own handlers) cannot kill the process.
+    """
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        self._previous: dict[int, Any] = {}
+        for sig in self.SIGNALS:
             try:
-                signal.signal(sig, self._handle)
+                self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. a test harness): no handler
                 pass
 
     def _handle(self, signum: int, frame: Any) -> None:
         log.warning("received signal %d: checkpointing at the next log step", signum)
         self.requested = True
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
 
 
 def _setup_logging(rank: int) -> None:
@@ -103,6 +116,8 @@ def _setup_logging(rank: int) -> None:
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None) -> None:
         self.cfg = cfg
+        # First, so that a stop signal arriving during start-up is not lost.
+        self.stop = StopRequest()
         self.dist = Distributed.from_env(cfg.distributed, cfg.train.device)
         _setup_logging(self.dist.rank)
         if cfg.train.threads:
@@ -154,7 +169,6 @@ class Trainer:
             self._init_from_data()
         self.model = self.dist.wrap(self.sae)
         self.tracker = self._make_tracker()
-        self.stop = StopRequest()
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -418,6 +432,7 @@ class Trainer:
         finally:
             self.tracker.close(status="RUNNING" if interrupted else status)
             self.dist.close()
+            self.stop.restore()
         return {"step": self.step, "interrupted": interrupted, "metrics": metrics}
 
     def _finish(self) -> None:
