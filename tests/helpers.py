@@ -60,6 +60,21 @@ def train_cmd(
     return cmd
 
 
+def start_train(
+    overrides: list[str], *, env: dict[str, str] | None = None, **popen_kwargs
+) -> subprocess.Popen:
+    """Training in the background (stdout discarded, stderr captured as text)."""
+    return subprocess.Popen(
+        train_cmd(overrides),
+        cwd=ROOT,
+        env=cli_env(**(env or {})),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen_kwargs,
+    )
+
+
 def run_train(
     overrides: list[str], *, timeout: float = 600, env: dict[str, str] | None = None, **kwargs
 ) -> subprocess.CompletedProcess:

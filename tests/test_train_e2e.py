@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import tarfile
 import time
 
@@ -17,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from data.demo import make_demo_data
-from tests.helpers import ROOT, cli_env, run_train, small_overrides, train_cmd
+from tests.helpers import run_train, small_overrides, start_train
 from tests.mlflow_server import MlflowServer
 from trainer.tracking import read_metrics, read_run_info
 
@@ -124,14 +123,7 @@ def _assert_same_run(full, resumed) -> None:
 def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, demo_shards, uninterrupted):
     steps, extra = RESUME_STEPS, RESUME_EXTRA
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(
-        train_cmd(small_overrides(demo_shards, cut, **extra)),
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start_train(small_overrides(demo_shards, cut, **extra), start_new_session=True)
     try:
         wait_for(lambda: (cut / "checkpoints" / "latest").exists(), 300, "the first checkpoint")
         os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: a real crash
@@ -152,14 +144,7 @@ def test_stop_signal_checkpoints_and_resume_repeats_no_step(tmp_path, demo_shard
     """SIGUSR1 (Slurm's warning before the time limit): checkpoint at the next log step, exit 0;
     the resumed run neither loses nor repeats a step."""
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        train_cmd(small_overrides(demo_shards, out, **RESUME_EXTRA)),
-        cwd=ROOT,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_train(small_overrides(demo_shards, out, **RESUME_EXTRA))
     try:
         wait_for(lambda: len(read_metrics(out).get("loss/total", [])) >= 2, 300, "two steps")
         proc.send_signal(signal.SIGUSR1)
@@ -210,14 +195,7 @@ def test_tracking_server_outage_loses_no_metric(tmp_path, demo_shards):
     overrides = small_overrides(
         demo_shards, out, **{"train.total_tokens": steps * 1024, "train.checkpoint_every": 0}
     )
-    proc = subprocess.Popen(
-        train_cmd(overrides),
-        cwd=ROOT,
-        env=cli_env(MLFLOW_TRACKING_URI=server.uri),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_train(overrides, env={"MLFLOW_TRACKING_URI": server.uri})
     try:
         logged = lambda: len(read_metrics(out).get("loss/total", []))
         wait_for(lambda: logged() >= 3 and read_run_info(out) is not None, 300, "first metrics")
