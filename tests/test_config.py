@@ -133,3 +133,20 @@ def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, demo_shards):
     )
     assert proc.returncode == 2
     assert "no checkpoint found" in proc.stderr and "without --resume" in proc.stderr
+
+
+def test_cli_refuses_to_start_over_an_existing_run(tmp_path, demo_shards):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.pt").write_bytes(b"")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "launchers.train", "--config", str(ROOT / "configs/demo.yaml"),
+            "--set", f"data.urls={demo_shards}", "--set", f"train.out_dir={tmp_path}/run",
+        ],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "already holds a run (newest checkpoint step_00000004)" in proc.stderr
+    assert "--resume" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]

@@ -173,10 +173,19 @@ class Trainer:
     # -- setup -------------------------------------------------------------------------------
 
     def _find_resume(self, resume: str | None) -> Path | None:
-        """``None``: fresh start; ``if-present``: the newest checkpoint of the run directory if
+        """``None``: fresh start (refused where a run already is, so that nothing is
+        overwritten); ``if-present``: the newest checkpoint of the run directory if
         there is one (what a requeued job wants); anything else must name a checkpoint."""
         if resume is None:
-            return None
+            try:
+                existing = checkpoint.find_checkpoint(self.run_dir, "auto")
+            except checkpoint.CheckpointError:
+                return None
+            raise checkpoint.CheckpointError(
+                f"train.out_dir {self.run_dir} already holds a run (newest checkpoint "
+                f"{existing.name}); pass --resume to continue it, or set another "
+                "train.out_dir (or delete that folder) to start a new run"
+            )
         if resume == "if-present":
             try:
                 return checkpoint.find_checkpoint(self.run_dir, "auto")
