@@ -25,14 +25,9 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from tests.helpers import free_port
+
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _port_in_use(host: str, port: int) -> bool:

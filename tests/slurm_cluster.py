@@ -6,14 +6,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.helpers import DEMO, ROOT, cli_env, small_overrides
+from tests.helpers import DEMO, ROOT, cli_env, free_port, small_overrides
 
 SCRIPT = ROOT / "slurm" / "local_cluster.py"
 TRAIN_SH = ROOT / "slurm" / "train.sh"
@@ -33,12 +32,6 @@ def why_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "the local Slurm cluster needs root (slurmd runs jobs as their user)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:

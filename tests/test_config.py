@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT, cli_env, train_cmd
 from trainer.config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recipes_load_and_resolve():
@@ -63,27 +60,21 @@ def test_zero_latents_via_n_latents():
         load_config(ROOT / "configs/demo.yaml", ["sae.expansion=null", "sae.n_latents=0"])
 
 
-def test_cli_config_error_exits_before_reading_data(tmp_path):
-    # The shard path does not exist: if data were read first, the error would be about shards.
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launchers.train",
-            "--config",
-            str(ROOT / "configs/demo.yaml"),
-            "--set",
-            f"data.urls={tmp_path}/missing",
-            "--set",
-            "train.warmup=5",
-            "--set",
-            f"train.out_dir={tmp_path}/run",
-        ],
+def _cli(*overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
+    """The training CLI on the demo recipe; these runs must stop before reading any data."""
+    return subprocess.run(
+        train_cmd(list(overrides), resume=resume),
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env=cli_env(),
         timeout=120,
     )
+
+
+def test_cli_config_error_exits_before_reading_data(tmp_path):
+    # The shard path does not exist: if data were read first, the error would be about shards.
+    proc = _cli(f"data.urls={tmp_path}/missing", "train.warmup=5", f"train.out_dir={tmp_path}/run")
     assert proc.returncode == 2
     assert "'train.warmup': unknown key" in proc.stderr and "warmup_steps" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -91,46 +82,13 @@ def test_cli_config_error_exits_before_reading_data(tmp_path):
 
 
 def test_cli_missing_shards_fail_fast_naming_urls(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launchers.train",
-            "--config",
-            str(ROOT / "configs/demo.yaml"),
-            "--set",
-            f"data.urls={tmp_path}/nowhere",
-            "--set",
-            f"train.out_dir={tmp_path}/run",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = _cli(f"data.urls={tmp_path}/nowhere", f"train.out_dir={tmp_path}/run")
     assert proc.returncode == 2
     assert f"{tmp_path}/nowhere" in proc.stderr and "make-demo-data" in proc.stderr
 
 
 def test_cli_missing_checkpoint_is_a_clear_error(tmp_path, demo_shards):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "launchers.train",
-            "--config",
-            str(ROOT / "configs/demo.yaml"),
-            "--set",
-            f"data.urls={demo_shards}",
-            "--set",
-            f"train.out_dir={tmp_path}/run",
-            "--resume",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
+    proc = _cli(f"data.urls={demo_shards}", f"train.out_dir={tmp_path}/run", resume=True)
     assert proc.returncode == 2
     assert "no checkpoint found" in proc.stderr and "without --resume" in proc.stderr
 
@@ -139,13 +97,7 @@ def test_cli_refuses_to_start_over_an_existing_run(tmp_path, demo_shards):
     ckpt = tmp_path / "run" / "checkpoints" / "step_00000004"
     ckpt.mkdir(parents=True)
     (ckpt / "state.pt").write_bytes(b"")
-    proc = subprocess.run(
-        [
-            sys.executable, "-m", "launchers.train", "--config", str(ROOT / "configs/demo.yaml"),
-            "--set", f"data.urls={demo_shards}", "--set", f"train.out_dir={tmp_path}/run",
-        ],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )  # fmt: skip
+    proc = _cli(f"data.urls={demo_shards}", f"train.out_dir={tmp_path}/run")
     assert proc.returncode == 2
     assert "already holds a run (newest checkpoint step_00000004)" in proc.stderr
     assert "--resume" in proc.stderr

@@ -117,26 +117,32 @@ def commit(
     return final
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """``resume``: ``auto`` (the newest checkpoint of ``run_dir``), a checkpoint folder, or a run
-    directory."""
-    candidate = Path(resume) if resume != "auto" else run_dir
-    if (candidate / "state.pt").is_file():
-        return candidate
-    root = candidate / CHECKPOINTS
+def newest_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint ``folder`` is, or the newest one in its ``checkpoints/``; None if none."""
+    if (folder / "state.pt").is_file():
+        return folder
+    root = folder / CHECKPOINTS
     latest = root / "latest"
     if latest.is_file():
         path = root / latest.read_text().strip()
         if (path / "state.pt").is_file():
             return path
     complete = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file())
-    if complete:
-        return complete[-1]
-    raise CheckpointError(
-        f"--resume {resume}: no checkpoint found in {candidate} (looked for state.pt and "
-        f"{CHECKPOINTS}/latest); pass a run directory that has checkpoints, or start without "
-        "--resume"
-    )
+    return complete[-1] if complete else None
+
+
+def find_checkpoint(run_dir: Path, resume: str) -> Path:
+    """``resume``: ``auto`` (the newest checkpoint of ``run_dir``), a checkpoint folder, or a run
+    directory."""
+    candidate = Path(resume) if resume != "auto" else run_dir
+    found = newest_checkpoint(candidate)
+    if found is None:
+        raise CheckpointError(
+            f"--resume {resume}: no checkpoint found in {candidate} (looked for state.pt and "
+            f"{CHECKPOINTS}/latest); pass a run directory that has checkpoints, or start "
+            "without --resume"
+        )
+    return found
 
 
 def load_state(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:

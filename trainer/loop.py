@@ -176,23 +176,18 @@ class Trainer:
         """``None``: fresh start (refused where a run already is, so that nothing is
         overwritten); ``if-present``: the newest checkpoint of the run directory if
         there is one (what a requeued job wants); anything else must name a checkpoint."""
-        if resume is None:
-            try:
-                existing = checkpoint.find_checkpoint(self.run_dir, "auto")
-            except checkpoint.CheckpointError:
-                return None
+        if resume not in (None, "if-present"):
+            return checkpoint.find_checkpoint(self.run_dir, resume)
+        existing = checkpoint.newest_checkpoint(self.run_dir)
+        if existing is not None and resume is None:
             raise checkpoint.CheckpointError(
                 f"train.out_dir {self.run_dir} already holds a run (newest checkpoint "
                 f"{existing.name}); pass --resume to continue it, or set another "
                 "train.out_dir (or delete that folder) to start a new run"
             )
-        if resume == "if-present":
-            try:
-                return checkpoint.find_checkpoint(self.run_dir, "auto")
-            except checkpoint.CheckpointError:
-                log.info("no checkpoint in %s: starting a new run", self.run_dir)
-                return None
-        return checkpoint.find_checkpoint(self.run_dir, resume)
+        if existing is None and resume == "if-present":
+            log.info("no checkpoint in %s: starting a new run", self.run_dir)
+        return existing
 
     def _check_resumable(self, path: Path) -> None:
         saved = config_from_dict(checkpoint.read_export(path)[1]["config"])
