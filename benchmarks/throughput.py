@@ -111,7 +111,6 @@ def sae_rate(d: int, f: int, batch: int, device: str, steps: int = 5) -> float:
         out = sae(x, l1_coeff=8e-5, ghost_mask_F=torch.zeros(f, dtype=torch.bool, device=device))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        sae.remove_parallel_grads()
         opt.step()
         sae.normalize_decoder()
 

@@ -55,10 +55,14 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def train_cmd(
-    overrides: list[str], *, config: Path = DEMO, resume: bool | str = False
+    overrides: list[str], *, config: Path = DEMO, resume: bool | str = False, nproc: int = 1
 ) -> list[str]:
-    """``resume``: False (fresh), True (``--resume``) or a value (``--resume VALUE``)."""
-    cmd = [sys.executable, "-m", "launchers.train", "--config", str(config)]
+    """``resume``: False (fresh), True (``--resume``) or a value (``--resume VALUE``).
+    ``nproc`` > 1 runs that many ranks under ``torchrun --standalone`` (gloo on CPU)."""
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd += ["-m", "launchers.train", "--config", str(config)]
     for item in overrides:
         cmd += ["--set", item]
     if resume is True:

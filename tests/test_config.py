@@ -48,11 +48,32 @@ def test_overrides_are_parsed_as_yaml():
         ("model.name=ViT-B-61", r"not an open_clip model; did you mean"),
         ("model.pretrained=laion9b", r"neither a checkpoint file nor a pretrained tag"),
         ("lr=1", r"section.key=value"),
+        (
+            "distributed.zero_stage=4",
+            r"'distributed.zero_stage': unknown value 4; use one of \[1, 2, 3\]",
+        ),
+        ("distributed.strategy=fsdp", r"'distributed.strategy': unknown value 'fsdp'"),
+        (
+            "distributed.deepspeed_config=ds.json",
+            r"'distributed.deepspeed_config': is set but distributed.strategy is 'auto'",
+        ),
+        ("distributed.reduce_bucket_size=0", r"'distributed.reduce_bucket_size': must be > 0"),
     ],
 )
 def test_bad_values_name_key_and_fix(override, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(ROOT / "configs/demo.yaml", [override])
+
+
+def test_missing_deepspeed_override_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"file '.*nope.json' does not exist"):
+        load_config(
+            ROOT / "configs/demo.yaml",
+            [
+                "distributed.strategy=deepspeed",
+                f"distributed.deepspeed_config={tmp_path}/nope.json",
+            ],
+        )
 
 
 def test_zero_latents_via_n_latents():

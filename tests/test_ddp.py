@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 from safetensors.torch import load_file
 
-from tests.helpers import DEMO, ROOT, cli_env, small_overrides
+from tests.helpers import ROOT, cli_env, small_overrides, train_cmd
 from trainer.tracking import read_metrics
 
 
 def test_torchrun_two_ranks_identical_weights(tmp_path, demo_shards):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "launchers.train", "--config", str(DEMO),
-    ]  # fmt: skip
-    for item in small_overrides(demo_shards, out, **{"train.total_tokens": 6 * 1024}):
-        cmd += ["--set", item]
+    overrides = small_overrides(demo_shards, out, **{"train.total_tokens": 6 * 1024})
+    cmd = train_cmd(overrides, nproc=2)
     proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     digests = json.loads((out / "replicas.json").read_text())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+import kernels
 from trainer.sae import SparseAutoencoder, geometric_median
 
 
@@ -17,26 +18,46 @@ def test_decoder_rows_unit_norm_after_init_and_step():
         out = sae(x, l1_coeff=1e-3)
         opt.zero_grad()
         out.loss.backward()
-        sae.remove_parallel_grads()
         opt.step()
         sae.normalize_decoder()
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(37), atol=1e-6)
 
 
 def test_parallel_gradient_component_removed():
+    """The decoder's gradient arrives projected: it equals the unconstrained gradient minus its
+    component along each row."""
     torch.manual_seed(1)
     sae = SparseAutoencoder(9, 21)
-    sae(torch.randn(40, 9), l1_coeff=1e-2).loss.backward()
-    before = sae.W_dec.grad.clone()
-    sae.remove_parallel_grads()
+    x = torch.randn(40, 9)
+    sae(x, l1_coeff=1e-2).loss.backward()
     g, w = sae.W_dec.grad, sae.W_dec.detach()
+    # The same loss with the raw decoder (no projection in the graph).
+    W_dec = sae.W_dec.detach().clone().requires_grad_()
+    raw = kernels.sae_loss(
+        x, sae.W_enc.detach(), sae.b_enc.detach(), W_dec, sae.b_dec.detach(), l1_coeff=1e-2
+    )
+    raw.loss.backward()
+    before = W_dec.grad
     # No component along each row remains ...
     assert (g * w).sum(dim=1).abs().max() < 1e-6
     # ... and what was removed is exactly that component.
-    removed = before - g
     parallel = (before * w).sum(dim=1, keepdim=True) * w
-    assert torch.allclose(removed, parallel, atol=1e-6)
+    assert torch.allclose(before - g, parallel, atol=1e-6)
     assert parallel.abs().max() > 1e-4  # the test is not vacuous
+
+
+def test_projection_commutes_with_summing_rank_gradients():
+    """Data parallelism projects each rank's gradient before the reduction; that equals
+    projecting the summed gradient (what one process on the whole batch gets)."""
+    torch.manual_seed(5)
+    sae = SparseAutoencoder(11, 30)
+    x = torch.randn(64, 11)
+    grads = []
+    for part in (x[:32], x[32:], x):
+        sae.zero_grad()
+        sae(part, l1_coeff=1e-2).loss.backward()
+        grads.append(sae.W_dec.grad.clone())
+    assert torch.allclose((grads[0] + grads[1]) / 2, grads[2], atol=1e-6)
 
 
 def test_geometric_median_matches_brute_force_and_resists_outliers():

@@ -334,7 +334,6 @@ def _train(monkeypatch, path: str, threshold: float, steps: int = 5) -> list[flo
         out = sae(x, l1_coeff=1e-3, mse_norm="token_norm", ghost_mask_F=ghost)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
-        sae.remove_parallel_grads()
         opt.step()
         sae.normalize_decoder()
         fired_F = (out.f_NF > 0).any(0)

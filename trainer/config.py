@@ -212,13 +212,59 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class DistributedConfig:
     strategy: str = "auto"
-    """``auto`` (DDP when launched with several ranks), ``single`` or ``ddp``."""
+    """``auto`` (DDP when launched with several ranks), ``single``, ``ddp`` or ``deepspeed``
+    (ZeRO: partitions optimiser state, gradients and, at stage 3, the parameters)."""
     backend: str = "auto"
     """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
+    zero_stage: int = 2
+    """DeepSpeed only: 1 partitions the optimiser state, 2 also the gradients, 3 also the
+    parameters (see the README for which width wants which stage)."""
+    offload_optimizer: bool = False
+    """DeepSpeed only: keep the optimiser state (and fp32 master weights) in host memory and
+    step there; frees accelerator memory at the price of PCIe traffic each step."""
+    reduce_bucket_size: int = 50_000_000
+    """DeepSpeed only: elements per gradient reduce(-scatter) bucket."""
+    allgather_bucket_size: int = 50_000_000
+    """DeepSpeed stages 1-2: elements per parameter all-gather bucket after the step."""
+    prefetch_bucket_size: int = 50_000_000
+    """DeepSpeed stage 3: elements of parameters fetched ahead of use."""
+    param_persistence_threshold: int = 100_000
+    """DeepSpeed stage 3: parameters smaller than this many elements (the biases) stay whole
+    on every rank instead of being gathered for each use."""
+    fused_optimizer: bool = False
+    """DeepSpeed only: let DeepSpeed build its own Adam (FusedAdam on GPU, CPUAdam with
+    offload; JIT-compiled on first use, about a minute) instead of ``torch.optim.Adam``.
+    Faster at scale; ``torch.optim.Adam`` keeps runs bit-comparable with DDP."""
+    deepspeed_config: str | None = None
+    """DeepSpeed only: a JSON or YAML file merged over the generated DeepSpeed config
+    (nested keys replace ours), for settings this section does not expose."""
 
     def __post_init__(self) -> None:
-        _one_of("distributed", "strategy", self.strategy, ("auto", "single", "ddp"))
+        _one_of("distributed", "strategy", self.strategy, ("auto", "single", "ddp", "deepspeed"))
         _one_of("distributed", "backend", self.backend, ("auto", "nccl", "gloo"))
+        _one_of("distributed", "zero_stage", self.zero_stage, (1, 2, 3))
+        _positive(
+            "distributed",
+            self,
+            "reduce_bucket_size",
+            "allgather_bucket_size",
+            "prefetch_bucket_size",
+        )
+        if self.param_persistence_threshold < 0:
+            _fail("distributed.param_persistence_threshold", "must be >= 0", "e.g. 100000")
+        if self.deepspeed_config is not None:
+            if self.strategy != "deepspeed":
+                _fail(
+                    "distributed.deepspeed_config",
+                    f"is set but distributed.strategy is {self.strategy!r}",
+                    "set distributed.strategy=deepspeed or remove the file",
+                )
+            if not Path(self.deepspeed_config).is_file():
+                _fail(
+                    "distributed.deepspeed_config",
+                    f"file {self.deepspeed_config!r} does not exist",
+                    "give the path of a JSON or YAML DeepSpeed config, or null",
+                )
 
 
 @dataclass(frozen=True)

@@ -3,22 +3,42 @@
 ``Distributed.from_env`` reads the launcher's environment (``torchrun`` sets ``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and returns an object whose
 methods are no-ops in a single process, so the training loop never branches on it.
+
+``Distributed.engine`` wraps the SAE and its optimiser for the configured strategy:
+
+- ``LocalEngine``: one process, or DDP (every rank holds everything; gradients all-reduced).
+- ``ZeroEngine``: DeepSpeed ZeRO. Stage 1 partitions the optimiser state (and fp32 master
+  weights) over ranks, stage 2 also the gradients, stage 3 also the parameters, which are
+  gathered for the forward and backward passes and released afterwards.
+
+Both keep the decoder constraint of the recipe. The gradient projection happens in the graph
+(``trainer.sae.tangent_grad``), before any reduction. The renormalisation after each step needs
+whole rows, which ZeRO's flat partitions cut anywhere: ``ZeroEngine`` computes each row's norm
+from the pieces every rank holds (one all-reduce of F floats) and rescales its own piece.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import logging
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from trainer.config import DistributedConfig
+from kernels import SAEOutput
+from trainer.config import ConfigError, DistributedConfig
+from trainer.sae import SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +58,20 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @dataclass
 class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    strategy: str = "single"
+    """The resolved strategy: ``single``, ``ddp`` or ``deepspeed``."""
 
     @property
     def is_main(self) -> bool:
@@ -63,8 +91,19 @@ class Distributed:
                 f"distributed.strategy=single but the launcher started {world_size} ranks; "
                 "use strategy auto or ddp, or launch one process"
             )
+        strategy = cfg.strategy
+        if strategy == "auto":
+            strategy = "ddp" if world_size > 1 else "single"
         torch_device = pick_device(device, local_rank)
-        if world_size > 1 and not dist.is_initialized():
+        if strategy == "deepspeed" and world_size == 1 and not dist.is_initialized():
+            # ZeRO on one rank (optimiser offload) still needs a process group.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        needs_group = world_size > 1 or strategy == "deepspeed"
+        if needs_group and not dist.is_initialized():
             backend = cfg.backend
             if backend == "auto":
                 backend = "nccl" if torch_device.type == "cuda" else "gloo"
@@ -76,14 +115,24 @@ class Distributed:
                 device_id=torch_device if torch_device.type == "cuda" else None,
             )
             log.info("rank %d/%d on %s (%s)", rank, world_size, torch_device, backend)
-        return cls(rank, world_size, local_rank, torch_device)
+        return cls(rank, world_size, local_rank, torch_device, strategy)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """DDP when several ranks run (it broadcasts rank 0's parameters and buffers)."""
-        if not self.active:
-            return model
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+    def engine(
+        self,
+        sae: SparseAutoencoder,
+        cfg: DistributedConfig,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        lr_lambda: Callable[[int], float],
+        local_tokens: int,
+    ) -> LocalEngine | ZeroEngine:
+        """The SAE with its optimiser and schedule, laid out for the configured strategy."""
+        if self.strategy == "deepspeed":
+            return ZeroEngine(
+                self, sae, cfg, lr=lr, betas=betas, lr_lambda=lr_lambda, local_tokens=local_tokens
+            )
+        return LocalEngine(self, sae, lr=lr, betas=betas, lr_lambda=lr_lambda)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """In-place sum over ranks (returns the tensor)."""
@@ -103,11 +152,12 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
-    def replica_digests(self, model: nn.Module) -> list[str]:
-        """Every rank's SHA-256 of its parameters, in rank order. Data parallelism keeps
-        replicas bit-identical; a difference means ranks diverged (a bug, not noise)."""
+    def replica_digests(self, tensors: dict[str, Tensor]) -> list[str]:
+        """Every rank's SHA-256 of ``tensors`` (its view of the full weights), in rank order.
+        Data parallelism keeps replicas bit-identical; a difference means ranks diverged (a bug,
+        not noise)."""
         digest = hashlib.sha256()
-        for name, param in sorted(model.state_dict().items()):
+        for name, param in sorted(tensors.items()):
             digest.update(name.encode())
             digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return [str(d) for d in self.all_gather_object(digest.hexdigest())]
@@ -117,5 +167,384 @@ class Distributed:
             dist.barrier()
 
     def close(self) -> None:
-        if self.active and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    """Bytes of the distinct storages among ``tensors`` (views of one buffer count once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if isinstance(t, Tensor) and t.numel():
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
+    return [v for state in opt.state.values() for v in state.values() if isinstance(v, Tensor)]
+
+
+class LocalEngine:
+    """One process, or DDP: every rank holds the whole SAE, its gradients and Adam state."""
+
+    def __init__(
+        self,
+        dist_: Distributed,
+        sae: SparseAutoencoder,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        lr_lambda: Callable[[int], float],
+    ) -> None:
+        self.dist, self.sae = dist_, sae
+        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.module: nn.Module = sae
+        if dist_.active:  # DDP broadcasts rank 0's parameters and buffers
+            ids = [dist_.device.index] if dist_.device.type == "cuda" else None
+            self.module = DistributedDataParallel(sae, device_ids=ids)
+
+    @property
+    def kind(self) -> str:
+        return self.dist.strategy
+
+    def forward(self, x_ND: Tensor, **kwargs: Any) -> SAEOutput:
+        return self.module(x_ND, **kwargs)
+
+    def step(self, loss: Tensor) -> None:
+        """Backward, optimiser step, schedule step, decoder rows back to unit norm."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.sae.normalize_decoder()
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> float:
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+
+    def state_dict(self) -> dict[str, Any]:
+        """For ``state.pt`` (written by rank 0: every rank holds the same state)."""
+        return {
+            "sae": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def save_shards(self, folder: Path) -> None:
+        """Nothing is partitioned: ``state_dict`` holds it all."""
+
+    def load(self, state: dict[str, Any], folder: Path) -> None:
+        if "optimizer" not in state:
+            raise ConfigError(
+                f"checkpoint {folder} was written by distributed.strategy=deepspeed; resume it "
+                "with the same strategy (its optimiser state is partitioned over ranks)"
+            )
+        self.sae.load_state_dict(state["sae"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_tensors(self) -> dict[str, Tensor]:
+        """This rank's whole SAE (export layout); a collective under ZeRO, so every rank calls."""
+        return self.sae.export_tensors()
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of SAE training state this rank holds."""
+        params = list(self.sae.parameters())
+        return {
+            "params": _tensor_bytes(params),
+            "master": 0,
+            "optimizer": _tensor_bytes(_optimizer_state_tensors(self.optimizer)),
+            "grads": _tensor_bytes(p.grad for p in params),
+        }
+
+
+def deepspeed_config(
+    cfg: DistributedConfig,
+    *,
+    local_tokens: int,
+    world_size: int,
+    lr: float,
+    betas: tuple[float, float],
+    cuda: bool,
+) -> dict[str, Any]:
+    """The DeepSpeed config generated from ours, with ``cfg.deepspeed_config`` merged over it."""
+    zero: dict[str, Any] = {
+        "stage": cfg.zero_stage,
+        "reduce_bucket_size": cfg.reduce_bucket_size,
+        "contiguous_gradients": True,
+        "overlap_comm": cuda,
+    }
+    if cfg.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = cfg.prefetch_bucket_size
+        zero["stage3_param_persistence_threshold"] = cfg.param_persistence_threshold
+    else:
+        zero["allgather_bucket_size"] = cfg.allgather_bucket_size
+        zero["reduce_scatter"] = True
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cuda}
+    out: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": local_tokens,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": local_tokens * world_size,
+        "gradient_clipping": 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "fp16": {"enabled": False},
+        "bf16": {"enabled": False},
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.fused_optimizer:
+        out["optimizer"] = {
+            "type": "Adam",
+            "params": {
+                "lr": lr,
+                "betas": list(betas),
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "adam_w_mode": False,
+            },
+        }
+    if cfg.deepspeed_config:
+        text = Path(cfg.deepspeed_config).read_text()
+        try:
+            override = json.loads(text) if cfg.deepspeed_config.endswith(".json") else None
+            override = override if override is not None else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as err:
+            raise ConfigError(
+                f"config error at 'distributed.deepspeed_config': {cfg.deepspeed_config} is "
+                f"not valid JSON or YAML ({err}); fix the file"
+            ) from err
+        if not isinstance(override, dict):
+            raise ConfigError(
+                f"config error at 'distributed.deepspeed_config': {cfg.deepspeed_config} must "
+                "hold a mapping of DeepSpeed settings"
+            )
+        out = _merge(out, override)
+    return out
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    if device.type != "cuda":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as err:  # pragma: no cover - deepspeed is a dependency
+        raise ConfigError(
+            "distributed.strategy=deepspeed needs the deepspeed package; pip install deepspeed "
+            "(see constraints.txt for the tested version)"
+        ) from err
+    return deepspeed
+
+
+class ZeroEngine:
+    """DeepSpeed ZeRO stage 1, 2 or 3 around the SAE (fp32 training).
+
+    The client optimiser is ``torch.optim.Adam`` unless ``fused_optimizer``; DeepSpeed runs it on
+    each rank's flat fp32 partition. The schedule is ours (``LambdaLR`` on that optimiser's
+    groups), stepped after DeepSpeed's step, so every strategy follows the same schedule.
+    """
+
+    TAG = "zero"
+    """Sub-folder of a checkpoint holding DeepSpeed's partitioned files."""
+
+    def __init__(
+        self,
+        dist_: Distributed,
+        sae: SparseAutoencoder,
+        cfg: DistributedConfig,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        lr_lambda: Callable[[int], float],
+        local_tokens: int,
+    ) -> None:
+        ds = _import_deepspeed(dist_.device)
+        self.dist, self.sae, self.cfg = dist_, sae, cfg
+        self.stage = cfg.zero_stage
+        self.config = deepspeed_config(
+            cfg,
+            local_tokens=local_tokens,
+            world_size=dist_.world_size,
+            lr=lr,
+            betas=betas,
+            cuda=dist_.device.type == "cuda",
+        )
+        client = None if cfg.fused_optimizer else torch.optim.Adam(sae.parameters(), lr, betas)
+        self.module, self.zero, _, _ = ds.initialize(
+            model=sae, optimizer=client, config=self.config
+        )
+        if self.stage == 3:
+            self._share_fp32_master()
+        # The torch optimiser that steps the partitions (DeepSpeed wraps it).
+        self.optimizer: torch.optim.Optimizer = getattr(self.zero, "optimizer", self.zero)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self._safe = ds.utils
+        log.info(
+            "DeepSpeed ZeRO-%d on %d ranks%s: %s",
+            self.stage,
+            dist_.world_size,
+            " with optimiser offload" if cfg.offload_optimizer else "",
+            {k: f"{v / 2**20:.1f} MiB" for k, v in self.memory().items()},
+        )
+
+    @property
+    def kind(self) -> str:
+        return f"zero{self.stage}"
+
+    def _share_fp32_master(self) -> None:
+        """Let the optimiser step the parameter partition in place when both are fp32 on the
+        same device, instead of a second fp32 copy of it.
+
+        DeepSpeed 0.19 means to do this (stage3.py, "we don't need another copy of the
+        weights") but compares a ``torch.device`` with a device-name string, which is never
+        equal, so every fp32 ZeRO-3 run holds the partition twice: 4/3 of the state that
+        ZeRO-3 should hold. Sharing the storage keeps the tensor objects (the optimiser state is
+        keyed by them); DeepSpeed's copy of the master into the partition after each step
+        becomes a copy onto itself. The memory and parity tests check both effects.
+        """
+        z = self.zero
+        if getattr(z, "offload_optimizer", False) or getattr(z, "swap_optimizer", False):
+            return
+        groups = zip(z.fp16_partitioned_groups_flat, z.fp32_partitioned_groups_flat, strict=True)
+        for lp, master in groups:
+            if (
+                lp is not None
+                and lp is not master
+                and lp.dtype == master.dtype
+                and lp.device == master.device
+                and lp.numel() == master.numel()
+            ):
+                master.data = lp.data
+
+    def forward(self, x_ND: Tensor, **kwargs: Any) -> SAEOutput:
+        return self.module(x_ND, **kwargs)
+
+    def step(self, loss: Tensor) -> None:
+        self.module.backward(loss)
+        self.module.step()
+        self.scheduler.step()
+        self._normalize_decoder()
+
+    # -- the decoder constraint on partitioned weights --------------------------------------
+
+    @torch.no_grad()
+    def _normalize_decoder(self) -> None:
+        """Rescale every decoder row to unit norm in the fp32 master weights and in the
+        parameters the next forward uses."""
+        W = self.sae.W_dec
+        if self.stage < 3:
+            # Parameters are whole on every rank (and equal): normalise them, then write this
+            # rank's piece of the fp32 master copy that the optimiser steps.
+            self.sae.normalize_decoder()
+            self._safe.safe_set_full_fp32_param(W, W.detach())
+            return
+        n_rows, width = W.ds_shape
+        local = self._safe.safe_get_local_fp32_param(W)  # flat, padded partition
+        piece = W.ds_tensor.ds_numel
+        start = piece * dist.get_rank(group=W.ds_process_group)
+        index = torch.arange(start, start + piece, device=local.device)
+        valid = index < W.ds_numel
+        rows = torch.where(valid, index // width, 0)
+        sq_F = torch.zeros(n_rows, dtype=torch.float32, device=local.device)
+        sq_F.index_add_(0, rows, torch.where(valid, local.float().square(), 0.0))
+        if self.dist.active:
+            dist.all_reduce(sq_F, group=W.ds_process_group)
+        scale = sq_F.sqrt().clamp_min(1e-8).reciprocal()[rows]
+        normed = torch.where(valid, local * scale.to(local.dtype), local)
+        self._safe.safe_set_local_fp32_param(W, normed)
+        W.ds_tensor.data.copy_(normed.to(W.ds_tensor.device, W.ds_tensor.dtype))
+        if getattr(W, "ds_persist", False):
+            # Below ``param_persistence_threshold`` the whole parameter also stays on every rank
+            # (refreshed by DeepSpeed after its step, so before this): rescale it too.
+            self.sae.normalize_decoder()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def grad_norm(self) -> float:
+        norm = self.module.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of SAE training state this rank holds: its parameter partition (whole
+        parameters below stage 3, and stage-3 parameters kept whole by the persistence
+        threshold), the fp32 master partition where it is a separate copy, the Adam moments."""
+        params = list(self.sae.parameters())
+        if self.stage == 3:
+            held = [p.ds_tensor for p in params]
+            held += [p.data for p in params if getattr(p, "ds_persist", False)]
+            masters = list(self.zero.fp32_partitioned_groups_flat)
+        else:
+            held = params
+            masters = list(self.zero.single_partition_of_fp32_groups)
+        params_bytes = _tensor_bytes(held)
+        return {
+            "params": params_bytes,
+            # fp32 training at stage 3 steps the parameter partition itself (no copy).
+            "master": _tensor_bytes(held + masters) - params_bytes,
+            "optimizer": _tensor_bytes(_optimizer_state_tensors(self.optimizer)),
+            "grads": _tensor_bytes(m.grad for m in masters),
+        }
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """For ``state.pt``; the partitioned state goes through ``save_shards``."""
+        return {
+            "strategy": self.kind,
+            "input_scale": self.sae.input_scale.detach().cpu(),
+            "scheduler": self.scheduler.state_dict(),
+        }
+
+    def save_shards(self, folder: Path) -> None:
+        """Every rank writes its partitions (a collective)."""
+        self.module.save_checkpoint(str(folder), tag=self.TAG, save_latest=False)
+
+    def load(self, state: dict[str, Any], folder: Path) -> None:
+        saved = state.get("strategy", "ddp/single")
+        if saved != self.kind:
+            raise ConfigError(
+                f"checkpoint {folder} was written with {saved} but this run uses {self.kind}; "
+                "resume with the same distributed.strategy and zero_stage (the exported "
+                "sae.safetensors of that checkpoint can seed a new run)"
+            )
+        path, _ = self.module.load_checkpoint(
+            str(folder),
+            tag=self.TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
+        if path is None:
+            raise ConfigError(f"checkpoint {folder} has no DeepSpeed state in {self.TAG}/")
+        self.sae.input_scale.copy_(state["input_scale"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def full_tensors(self) -> dict[str, Tensor]:
+        """The whole SAE, gathered from the partitions (a collective: every rank calls)."""
+        if self.stage < 3:
+            return self.sae.export_tensors()
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.sae.parameters())):
+            return {k: v.clone() for k, v in self.sae.export_tensors().items()}

@@ -24,8 +24,8 @@ from data.mixer import TokenMixer
 from data.shards import ImageShards, expand_urls
 from data.stream import TokenStream
 from trainer import checkpoint
-from trainer.config import Config, ConfigError, check_model, config_from_dict
-from trainer.distributed import Distributed
+from trainer.config import Config, ConfigError, SAEConfig, check_model, config_from_dict
+from trainer.distributed import Distributed, LocalEngine, ZeroEngine
 from trainer.metrics import LatentStats, MetricSums
 from trainer.plots import density_histogram
 from trainer.sae import SparseAutoencoder
@@ -106,6 +106,34 @@ class StopRequest:
         self._previous.clear()
 
 
+def train_step(
+    engine: LocalEngine | ZeroEngine,
+    stats: LatentStats,
+    dist: Distributed,
+    sae_cfg: SAEConfig,
+    batch_tokens: int,
+    x_ND: Tensor,
+) -> kernels.SAEOutput:
+    """One optimiser step on this rank's ``x_ND``; ``batch_tokens`` counts all ranks' tokens.
+
+    Firing counts are summed over ranks before they update ``stats``, so the ghost-grad mask
+    and the dead-latent statistics are global and equal on every rank.
+    """
+    ghost = stats.ghost_mask(sae_cfg.ghost_window_steps) if sae_cfg.ghost_grads else None
+    out = engine.forward(
+        x_ND,
+        l1_coeff=sae_cfg.l1_coeff,
+        mse_norm=sae_cfg.mse_norm,
+        l1_decoder_norm=sae_cfg.l1_decoder_norm,
+        ghost_mask_F=ghost,
+    )
+    engine.step(out.loss)
+    with torch.no_grad():
+        fired_F = dist.all_reduce_sum((out.f_NF > 0).sum(dim=0))
+        stats.update(fired_F, batch_tokens)
+    return out
+
+
 def _setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -155,19 +183,22 @@ class Trainer:
         d, f = self.source.width, cfg.sae.n_latents or cfg.sae.expansion * self.source.width
         torch.manual_seed(cfg.train.seed)
         self.sae = SparseAutoencoder(d, f).to(self.dist.device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.train.lr, betas=cfg.train.betas)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg, self.plan.total_steps)
-        )
         self.stats = LatentStats(f, cfg.train.dead_window_tokens, self.dist.device)
         self.sums = MetricSums(d, self.dist.device)
         self.step = 0
         self.run_id: str | None = None
+        if self.ckpt_path is None:
+            self._init_from_data()
+        self.engine = self.dist.engine(
+            self.sae,
+            cfg.distributed,
+            lr=cfg.train.lr,
+            betas=cfg.train.betas,
+            lr_lambda=lambda s: lr_factor(s, cfg, self.plan.total_steps),
+            local_tokens=self.plan.local_tokens,
+        )
         if self.ckpt_path is not None:
             self._load(self.ckpt_path)
-        else:
-            self._init_from_data()
-        self.model = self.dist.wrap(self.sae)
         self.tracker = self._make_tracker()
 
     # -- setup -------------------------------------------------------------------------------
@@ -245,6 +276,7 @@ class Trainer:
                     "sae/n_latents": self.sae.n_latents,
                     "model/layer_index": self.layer,
                     "distributed/world_size": self.dist.world_size,
+                    "distributed/engine": self.engine.kind,
                 }
             )
             tracker.log_params(params)
@@ -281,10 +313,8 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
+            **self.engine.state_dict(),
             "step": self.step,
-            "sae": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
             "stats": self.stats.state_dict(),
             "rng": rng,
             "run_id": getattr(self.tracker, "run_id", None) or self.run_id,
@@ -292,9 +322,7 @@ class Trainer:
 
     def _load(self, path: Path) -> None:
         state, stream = checkpoint.load_state(path, self.dist.rank, self.dist.world_size)
-        self.sae.load_state_dict(state["sae"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
+        self.engine.load(state, path)
         self.stats.load_state_dict(state["stats"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
@@ -309,12 +337,14 @@ class Trainer:
         self.dist.barrier()
         tmp = checkpoint.step_dir(self.run_dir, self.step).with_suffix(".tmp")
         checkpoint.save_stream(tmp, self.dist.rank, self.stream.state_dict())
+        self.engine.save_shards(tmp)
+        tensors = self.engine.full_tensors()
         self.dist.barrier()
         final = None
         if self.dist.is_main:
             final = checkpoint.commit(
                 tmp,
-                tensors=self.sae.export_tensors(),
+                tensors=tensors,
                 cfg_json=self.cfg_json(),
                 state=self._state(),
                 world_size=self.dist.world_size,
@@ -326,30 +356,12 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def train_step(self, x_ND: Tensor) -> None:
-        sae_cfg = self.cfg.sae
-        ghost = self.stats.ghost_mask(sae_cfg.ghost_window_steps) if sae_cfg.ghost_grads else None
-        out = self.model(
-            x_ND,
-            l1_coeff=sae_cfg.l1_coeff,
-            mse_norm=sae_cfg.mse_norm,
-            l1_decoder_norm=sae_cfg.l1_decoder_norm,
-            ghost_mask_F=ghost,
+        out = train_step(
+            self.engine, self.stats, self.dist, self.cfg.sae, self.plan.batch_tokens, x_ND
         )
-        self.opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.sae.remove_parallel_grads()
-        self.opt.step()
-        self.sched.step()
-        self.sae.normalize_decoder()
         with torch.no_grad():
-            fired_F = self.dist.all_reduce_sum((out.f_NF > 0).sum(dim=0))
-            self.stats.update(fired_F, self.plan.batch_tokens)
             self.sums.add(out, x_ND.to(self.sae.W_enc.dtype) * self.sae.input_scale)
         self.step += 1
-
-    def _grad_norm(self) -> float:
-        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
 
     def log_metrics(self, clock: dict[str, float]) -> dict[str, float]:
         """The loop's one host sync: reduce the interval's sums over ranks and log them."""
@@ -371,8 +383,8 @@ class Trainer:
                 "perf/tokens_per_s": steps * self.plan.batch_tokens / elapsed,
                 "perf/images_per_s": images[0] / elapsed,
                 "perf/data_wait_frac": min(wait / elapsed, 1.0),
-                "opt/lr": self.sched.get_last_lr()[0],
-                "opt/grad_norm": self._grad_norm(),
+                "opt/lr": self.engine.lr(),
+                "opt/grad_norm": self.engine.grad_norm(),
                 "perf/sparse_step_frac": kernels.stats.sparse_step_frac,
                 "data/skipped": images[1],
                 "data/epoch": float(self.stream.epoch),
@@ -440,7 +452,8 @@ class Trainer:
         return {"step": self.step, "interrupted": interrupted, "metrics": metrics}
 
     def _finish(self) -> None:
-        digests = self.dist.replica_digests(self.sae)
+        tensors = self.engine.full_tensors()
+        digests = self.dist.replica_digests(tensors)
         if not self.dist.is_main:
             return
         checkpoint.atomic_write(
@@ -449,7 +462,7 @@ class Trainer:
         if len(set(digests)) != 1:
             log.error("ranks hold different SAE weights at the end: %s", digests)
         self.run_id = self.tracker.run_id or self.run_id
-        checkpoint.write_export(self.run_dir, self.sae.export_tensors(), self.cfg_json())
+        checkpoint.write_export(self.run_dir, tensors, self.cfg_json())
         plot = density_histogram(self.stats.density().cpu(), self.run_dir / "density_hist.png")
         self.tracker.log_artifact(plot, "plots")
         self.tracker.log_artifact(self.run_dir / "sae.safetensors", "sae")

@@ -12,6 +12,7 @@ parallelism.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,33 @@ def geometric_median(points_ND: Tensor, max_iter: int = 200, tol: float = 1e-7) 
         if shift <= tol * (1.0 + median.norm()):
             break
     return median.to(points_ND.dtype)
+
+
+class _TangentGrad(torch.autograd.Function):
+    """Identity forward; backward removes from each row's gradient its component along that
+    row, so that the update moves along the unit sphere of the decoder constraint."""
+
+    @staticmethod
+    def forward(ctx: Any, W_FD: Tensor) -> Tensor:
+        ctx.save_for_backward(W_FD)
+        return W_FD.view_as(W_FD)
+
+    @staticmethod
+    def backward(ctx: Any, grad_FD: Tensor) -> Tensor:
+        (W_FD,) = ctx.saved_tensors
+        unit_FD = W_FD / W_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return grad_FD - (grad_FD * unit_FD).sum(dim=-1, keepdim=True) * unit_FD
+
+
+def tangent_grad(W_FD: Tensor) -> Tensor:
+    """``W_FD`` with its gradient projected onto the tangent space of the unit-row constraint.
+
+    The projection happens in the graph, on each rank's own gradient and before any reduction.
+    It is linear in the gradient with the same rows on every rank, so the projected sum equals
+    the sum of projections: data parallelism and ZeRO (whose gradients are partitioned flat,
+    not by row) need no row-aligned step afterwards.
+    """
+    return _TangentGrad.apply(W_FD)
 
 
 class SparseAutoencoder(nn.Module):
@@ -91,7 +119,7 @@ class SparseAutoencoder(nn.Module):
             x_ND,
             self.W_enc,
             self.b_enc,
-            self.W_dec,
+            tangent_grad(self.W_dec),
             self.b_dec,
             l1_coeff=l1_coeff,
             mse_norm=mse_norm,
@@ -103,16 +131,6 @@ class SparseAutoencoder(nn.Module):
     def normalize_decoder(self) -> None:
         """Rescale each decoder row to unit L2 norm (after every optimiser step)."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
-
-    @torch.no_grad()
-    def remove_parallel_grads(self) -> None:
-        """Project out the component of each decoder row's gradient along that row, so that a
-        step moves along the unit sphere (before the optimiser step)."""
-        if self.W_dec.grad is None:
-            return
-        W_FD = self.W_dec / self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-        parallel_F = (self.W_dec.grad * W_FD).sum(dim=-1, keepdim=True)
-        self.W_dec.grad.sub_(parallel_F * W_FD)
 
     @torch.no_grad()
     def export_tensors(self) -> dict[str, Tensor]:
