@@ -106,7 +106,9 @@ def test_zero_reproduces_single_process(tmp_path, single, ddp, stage, persist):
             assert rank_memory["params"] <= whole["params"] / 2 * 1.05
             assert rank_memory["master"] == 0  # the partition is the fp32 master
             assert _state_bytes(rank_memory) <= _state_bytes(whole) / 2 * 1.05
-        else:  # parameters stay whole on every rank
+        elif stage == 3:  # persistent parameters: whole on every rank, beside the partition
+            assert rank_memory["params"] == whole["params"] * 3 // 2
+        else:  # stages 1-2: parameters stay whole on every rank
             assert rank_memory["params"] == whole["params"]
 
 
@@ -195,5 +197,6 @@ def test_zero3_resumes_exactly_and_exports_the_whole_sae(tmp_path, demo_shards):
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "distributed.strategy=deepspeed" in proc.stderr and "same strategy" in proc.stderr
+    assert "distributed.strategy=deepspeed (zero_stage 3)" in proc.stderr
+    assert "resume with the same strategy" in proc.stderr
     assert (ckpt / "state.pt").is_file()

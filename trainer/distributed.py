@@ -491,18 +491,21 @@ class ZeroEngine:
         parameters below stage 3, and stage-3 parameters kept whole by the persistence
         threshold), the fp32 master partition where it is a separate copy, the Adam moments."""
         params = list(self.sae.parameters())
+        whole = 0  # persistent stage-3 parameters: whole on every rank once first used
         if self.stage == 3:
             held = [p.ds_tensor for p in params]
-            held += [p.data for p in params if getattr(p, "ds_persist", False)]
             masters = list(self.zero.fp32_partitioned_groups_flat)
+            whole = sum(
+                p.ds_numel * p.element_size() for p in params if getattr(p, "ds_persist", False)
+            )
         else:
             held = params
             masters = list(self.zero.single_partition_of_fp32_groups)
-        params_bytes = _tensor_bytes(held)
+        held_bytes = _tensor_bytes(held)
         return {
-            "params": params_bytes,
+            "params": held_bytes + whole,
             # fp32 training at stage 3 steps the parameter partition itself (no copy).
-            "master": _tensor_bytes(held + masters) - params_bytes,
+            "master": _tensor_bytes(held + masters) - held_bytes,
             "optimizer": _tensor_bytes(_optimizer_state_tensors(self.optimizer)),
             "grads": _tensor_bytes(m.grad for m in masters),
         }

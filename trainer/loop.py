@@ -231,6 +231,15 @@ class Trainer:
                         f"checkpoint but is {getattr(new, key)!r} now; resume with the same "
                         "value or start a new run directory"
                     )
+        was, now = saved.distributed, self.cfg.distributed
+        layout = lambda c: f"zero{c.zero_stage}" if c.strategy == "deepspeed" else "whole"
+        if layout(was) != layout(now):
+            raise ConfigError(
+                f"--resume {path}: the checkpoint was written with distributed.strategy="
+                f"{was.strategy} (zero_stage {was.zero_stage}) and this run uses "
+                f"{now.strategy} (zero_stage {now.zero_stage}); resume with the same strategy "
+                "and stage (ZeRO partitions the optimiser state differently), or start a new run"
+            )
 
     def _init_from_data(self) -> None:
         """``b_dec`` (and the input scale) from a token sample, drawn through the mixer."""
