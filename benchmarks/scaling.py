@@ -49,6 +49,11 @@ COLLECTIVES = {
 }
 
 
+MAX_LIVE_PARAMETERS = 1e9
+"""DeepSpeed's default ``stage3_max_live_parameters``: below it, ZeRO-3 keeps what the forward
+gathered until the backward has used it."""
+
+
 def traffic(sizes: dict[str, float], world: int) -> float:
     """Bytes each rank sends per step on ``world`` ranks for collectives of ``sizes`` bytes."""
     return sum(COLLECTIVES[op][1](world) * m for op, m in sizes.items())
@@ -206,18 +211,22 @@ def main() -> None:
     parser.add_argument("--computed-widths", type=int, nargs="+", default=[49_152, 2**20])
     parser.add_argument("--computed-ranks", type=int, nargs="+", default=[2, 8, 64])
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
+    parser.add_argument("--load", type=Path, help="print the tables of a --json file again")
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
 
-    rows = []
+    rows = json.loads(args.load.read_text()) if args.load else []
+    if args.load:
+        args.widths = sorted({r["n"] for r in rows})
+        args.nproc, args.dim = rows[0]["world_size"], rows[0]["d"]
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.widths:
+        for n in [] if args.load else args.widths:
             for strategy in args.strategies:
                 print(f"measuring {strategy} at n={n} ...", file=sys.stderr, flush=True)
                 rows.append(run_one(strategy, n, args, Path(tmp) / f"{strategy}-{n}.json"))
-    if args.json:
+    if args.json and not args.load:
         args.json.write_text(json.dumps(rows, indent=1))
 
     print(
@@ -271,6 +280,18 @@ def main() -> None:
                 state = computed_state(strategy, params, world)
                 cells.append(f"{gb(state)} | {gb(traffic(sizes, world))}")
             print(f"| {n:,} | {strategy} | {gb(12 * params)} | {' | '.join(cells)} |")
+    for n in args.computed_widths:
+        params = 2 * n * args.dim + n + args.dim
+        if "zero3" in per_param and params > MAX_LIVE_PARAMETERS:
+            # The measured runs kept the gathered SAE alive from the forward to the backward.
+            sizes = {k: v * params for k, v in per_param["zero3"].items()}
+            sizes["all_gather_into_tensor"] *= 2
+            again = ", ".join(f"{gb(traffic(sizes, w))} at N={w}" for w in args.computed_ranks)
+            print(
+                f"\nZeRO-3 at n={n:,}: {params / 1e9:.2f}e9 elements exceed DeepSpeed's "
+                f"stage3_max_live_parameters ({MAX_LIVE_PARAMETERS:.0e}), so the backward pass "
+                f"gathers the parameters again: traffic up to {again}."
+            )
 
 
 if __name__ == "__main__":

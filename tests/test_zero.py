@@ -112,6 +112,17 @@ def test_zero_reproduces_single_process(tmp_path, single, ddp, stage, persist):
             assert rank_memory["params"] == whole["params"]
 
 
+def test_zero_with_optimizer_offload_on_one_rank_matches_single_process(tmp_path, single):
+    """One process under DeepSpeed (it sets up its own process group) with the optimiser state
+    in host memory: the same losses as plain single-process training."""
+    args = ["--strategy", "deepspeed", "--stage", "2", "--offload", "--steps", "12"]
+    zero = _harness(tmp_path, *args)
+    assert zero["engine"] == "zero2" and zero["world_size"] == 1
+    ref, got = torch.tensor(single["loss"][:12]), torch.tensor(zero["loss"])
+    assert ((got - ref).abs() / ref.abs()).max().item() < 1e-4
+    assert zero["ghost"] == single["ghost"][:12]
+
+
 def test_deepspeed_config_is_generated_from_ours_and_merged_with_the_override(tmp_path):
     override = tmp_path / "ds.yaml"
     override.write_text("zero_optimization:\n  overlap_comm: true\n  sub_group_size: 1000\n")
