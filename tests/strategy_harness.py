@@ -44,6 +44,10 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2)
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--persist", type=int, default=0, help="param_persistence_threshold")
+    parser.add_argument("--fused", action="store_true", help="DeepSpeed's own Adam")
+    parser.add_argument(
+        "--paper", action="store_true", help="MSE / token norm and L1 weighted by decoder norm"
+    )
     parser.add_argument("--width", type=int, default=24)
     parser.add_argument("--latents", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64, help="global tokens per step")
@@ -58,9 +62,16 @@ def main() -> None:
         zero_stage=args.stage,
         offload_optimizer=args.offload,
         param_persistence_threshold=args.persist,
+        fused_optimizer=args.fused,
     )
     env = Distributed.from_env(cfg, "cpu")
-    sae_cfg = SAEConfig(l1_coeff=args.l1, ghost_grads=True, ghost_window_steps=2)
+    sae_cfg = SAEConfig(
+        l1_coeff=args.l1,
+        ghost_grads=True,
+        ghost_window_steps=2,
+        mse_norm="token_norm" if args.paper else "none",
+        l1_decoder_norm=args.paper,
+    )
     local = args.batch // env.world_size
     torch.manual_seed(0)
     sae = SparseAutoencoder(args.width, args.latents)

@@ -26,12 +26,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, cli_env, run_train, small_overrides, train_cmd
 from trainer.config import DistributedConfig
 from trainer.distributed import deepspeed_config
-from trainer.tracking import read_metrics
+from trainer.tracking import read_metrics, read_run_info
 
 HARNESS = ROOT / "tests" / "strategy_harness.py"
 
@@ -112,15 +113,31 @@ def test_zero_reproduces_single_process(tmp_path, single, ddp, stage, persist):
             assert rank_memory["params"] == whole["params"]
 
 
-def test_zero_with_optimizer_offload_on_one_rank_matches_single_process(tmp_path, single):
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-adam", "deepspeed-cpu-adam"])
+def test_zero_with_optimizer_offload_on_one_rank_matches_single_process(tmp_path, single, fused):
     """One process under DeepSpeed (it sets up its own process group) with the optimiser state
-    in host memory: the same losses as plain single-process training."""
+    in host memory, stepped by torch's Adam or by DeepSpeed's compiled CPUAdam (built on first
+    use, about a minute): the same losses as plain single-process training."""
     args = ["--strategy", "deepspeed", "--stage", "2", "--offload", "--steps", "12"]
-    zero = _harness(tmp_path, *args)
+    zero = _harness(tmp_path, *args, *(["--fused"] if fused else []))
     assert zero["engine"] == "zero2" and zero["world_size"] == 1
     ref, got = torch.tensor(single["loss"][:12]), torch.tensor(zero["loss"])
     assert ((got - ref).abs() / ref.abs()).max().item() < 1e-4
     assert zero["ghost"] == single["ghost"][:12]
+
+
+def test_zero3_keeps_the_paper_loss_options(tmp_path):
+    """MSE divided by the token norm and L1 weighted by decoder-row norms (which reads whole
+    rows of the partitioned decoder): ZeRO-3 on 2 ranks follows one process."""
+    ref = _harness(tmp_path / "single", "--paper", "--steps", "15")
+    zero = _harness(
+        tmp_path / "zero3", "--paper", "--steps", "15", "--strategy", "deepspeed", "--stage", "3",
+        nproc=2,
+    )  # fmt: skip
+    a, b = torch.tensor(ref["loss"]), torch.tensor(zero["loss"])
+    assert a[-1] < 0.8 * a[0]
+    assert ((a - b).abs() / a.abs()).max().item() < 1e-4
+    assert zero["ghost"] == ref["ghost"]
 
 
 def test_deepspeed_config_is_generated_from_ours_and_merged_with_the_override(tmp_path):
@@ -174,6 +191,15 @@ def test_zero3_resumes_exactly_and_exports_the_whole_sae(tmp_path, demo_shards):
         json.loads((full / "replicas.json").read_text())[0]
         == json.loads((full / "replicas.json").read_text())[1]
     )
+
+    # One MLflow writer: the run records the engine, and each step once, with finite norms.
+    info = read_run_info(full)
+    run = MlflowClient(info["tracking_uri"]).get_run(info["run_id"])
+    assert run.data.params["distributed/engine"] == "zero3"
+    assert run.data.params["distributed.zero_stage"] == "3"
+    history = MlflowClient(info["tracking_uri"]).get_metric_history(info["run_id"], "opt/grad_norm")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    assert all(0 < m.value < float("inf") for m in history)
 
     resumed = tmp_path / "resumed"
     run_train(small_overrides(demo_shards, resumed, **ZERO3), nproc=2, resume=str(ckpt))

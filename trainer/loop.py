@@ -24,7 +24,14 @@ from data.mixer import TokenMixer
 from data.shards import ImageShards, expand_urls
 from data.stream import TokenStream
 from trainer import checkpoint
-from trainer.config import Config, ConfigError, SAEConfig, check_model, config_from_dict
+from trainer.config import (
+    Config,
+    ConfigError,
+    DistributedConfig,
+    SAEConfig,
+    check_model,
+    config_from_dict,
+)
 from trainer.distributed import Distributed, LocalEngine, ZeroEngine
 from trainer.metrics import LatentStats, MetricSums
 from trainer.plots import density_histogram
@@ -134,6 +141,11 @@ def train_step(
     return out
 
 
+def _state_layout(cfg: DistributedConfig) -> str:
+    """How a checkpoint holds the optimiser state: whole (single, DDP) or ZeRO-partitioned."""
+    return f"zero{cfg.zero_stage}" if cfg.strategy == "deepspeed" else "whole"
+
+
 def _setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -232,8 +244,7 @@ class Trainer:
                         "value or start a new run directory"
                     )
         was, now = saved.distributed, self.cfg.distributed
-        layout = lambda c: f"zero{c.zero_stage}" if c.strategy == "deepspeed" else "whole"
-        if layout(was) != layout(now):
+        if _state_layout(was) != _state_layout(now):
             raise ConfigError(
                 f"--resume {path}: the checkpoint was written with distributed.strategy="
                 f"{was.strategy} (zero_stage {was.zero_stage}) and this run uses "
