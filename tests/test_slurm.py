@@ -68,11 +68,20 @@ def assert_trained_once(out, total: int) -> None:
     assert client.get_run(info["run_id"]).info.status == "FINISHED"
 
 
-@pytest.mark.parametrize("nodes,nproc", [(1, 2), (2, 1)], ids=["1node-2proc", "2nodes-1proc"])
-def test_sbatch_trains_one_sae(cluster, demo_shards, tmp_path, nodes, nproc):
-    job = cluster.submit(tmp_path / "run", demo_shards, nodes=nodes, nproc=nproc)
+ZERO3 = {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3}
+
+
+@pytest.mark.parametrize(
+    "nodes,nproc,overrides",
+    [(1, 2, {}), (2, 1, {}), (2, 1, ZERO3)],
+    ids=["1node-2proc", "2nodes-1proc", "2nodes-1proc-zero3"],
+)
+def test_sbatch_trains_one_sae(cluster, demo_shards, tmp_path, nodes, nproc, overrides):
+    job = cluster.submit(tmp_path / "run", demo_shards, nodes=nodes, nproc=nproc, **overrides)
     log = job.finish()
     assert f"{nodes} node(s) x {nproc} process(es)" in log
+    if overrides:
+        assert "DeepSpeed ZeRO-3 on 2 ranks" in log
     assert "resumed from" not in log
     assert_trained_once(tmp_path / "run", total=8)
 
