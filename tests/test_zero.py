@@ -30,7 +30,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, cli_env, run_train, small_overrides, train_cmd
-from trainer.config import DistributedConfig
+from trainer.config import ConfigError, DistributedConfig
 from trainer.distributed import deepspeed_config
 from trainer.tracking import read_metrics, read_run_info
 
@@ -172,6 +172,15 @@ def test_deepspeed_config_is_generated_from_ours_and_merged_with_the_override(tm
         cuda=True,
     )
     assert fused["optimizer"]["params"]["adam_w_mode"] is False
+
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"zero_optimization": {"stage": 3,}')
+    bad = DistributedConfig(strategy="deepspeed", deepspeed_config=str(broken))
+    with pytest.raises(ConfigError, match=r"broken.json is not valid JSON or YAML"):
+        deepspeed_config(bad, local_tokens=8, world_size=1, lr=1e-3, betas=(0.9, 0.99), cuda=False)
+    broken.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match=r"must hold a mapping of DeepSpeed settings"):
+        deepspeed_config(bad, local_tokens=8, world_size=1, lr=1e-3, betas=(0.9, 0.99), cuda=False)
     assert fused["zero_optimization"]["allgather_bucket_size"] == 50_000_000
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import logging
 import os
 import socket
@@ -312,11 +311,9 @@ def deepspeed_config(
             },
         }
     if cfg.deepspeed_config:
-        text = Path(cfg.deepspeed_config).read_text()
-        try:
-            override = json.loads(text) if cfg.deepspeed_config.endswith(".json") else None
-            override = override if override is not None else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as err:
+        try:  # YAML reads JSON too
+            override = yaml.safe_load(Path(cfg.deepspeed_config).read_text())
+        except yaml.YAMLError as err:
             raise ConfigError(
                 f"config error at 'distributed.deepspeed_config': {cfg.deepspeed_config} is "
                 f"not valid JSON or YAML ({err}); fix the file"
