@@ -210,6 +210,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--computed-widths", type=int, nargs="+", default=[49_152, 2**20])
     parser.add_argument("--computed-ranks", type=int, nargs="+", default=[2, 8, 64])
+    parser.add_argument(
+        "--computed-tokens",
+        type=int,
+        default=25_216,
+        help="global tokens per step for the latent-parallel estimate (the paper: 128 images)",
+    )
     parser.add_argument("--json", type=Path, help="also write the raw measurements here")
     parser.add_argument("--load", type=Path, help="print the tables of a --json file again")
     args = parser.parse_args()
@@ -292,6 +298,28 @@ def main() -> None:
                 f"stage3_max_live_parameters ({MAX_LIVE_PARAMETERS:.0e}), so the backward pass "
                 f"gathers the parameters again: traffic up to {again}."
             )
+    latent_parallel_table(args)
+
+
+def latent_parallel_table(args: argparse.Namespace) -> None:
+    """The latent-parallel layout is not built; its cost follows from its design: each rank
+    owns n/N latents (state 12P/N), the ranks all-gather their tokens so that each sees the
+    whole batch, and one all-reduce sums the partial reconstructions (a second one with ghost
+    grads). Its traffic grows with the batch, not with n."""
+    t, d = args.computed_tokens, args.dim
+    print(
+        f"\nFor comparison, computed only (not built): latent parallelism at {t:,} tokens per "
+        "step with ghost grads on (two all-reduces); state / traffic per rank, GB\n"
+    )
+    print("| n | " + " | ".join(f"N={w}" for w in args.computed_ranks) + " |")
+    print("|---|" + "---|" * len(args.computed_ranks))
+    for n in args.computed_widths:
+        params = 2 * n * d + n + d
+        cells = []
+        for world in args.computed_ranks:
+            sizes = {"all_gather_into_tensor": 4 * t * d, "all_reduce": 2 * 4 * t * d}
+            cells.append(f"{gb(12 * params / world)} / {gb(traffic(sizes, world))}")
+        print(f"| {n:,} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
