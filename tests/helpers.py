@@ -54,15 +54,20 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def python_cmd(nproc: int = 1) -> list[str]:
+    """The interpreter, under ``torchrun --standalone`` with ``nproc`` ranks (gloo on CPU) when
+    ``nproc`` > 1; append ``-m module`` or a script and its arguments."""
+    if nproc == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(nproc)]  # fmt: skip
+
+
 def train_cmd(
     overrides: list[str], *, config: Path = DEMO, resume: bool | str = False, nproc: int = 1
 ) -> list[str]:
-    """``resume``: False (fresh), True (``--resume``) or a value (``--resume VALUE``).
-    ``nproc`` > 1 runs that many ranks under ``torchrun --standalone`` (gloo on CPU)."""
-    cmd = [sys.executable]
-    if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    cmd += ["-m", "launchers.train", "--config", str(config)]
+    """``resume``: False (fresh), True (``--resume``) or a value (``--resume VALUE``)."""
+    cmd = [*python_cmd(nproc), "-m", "launchers.train", "--config", str(config)]
     for item in overrides:
         cmd += ["--set", item]
     if resume is True:
@@ -70,6 +75,15 @@ def train_cmd(
     elif resume:
         cmd += ["--resume", str(resume)]
     return cmd
+
+
+def run_cli(
+    cmd: list[str], *, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``cmd`` from the repository root with the tests' environment, output captured as text."""
+    return subprocess.run(
+        cmd, cwd=ROOT, env=cli_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def start_train(
@@ -90,13 +104,6 @@ def start_train(
 def run_train(
     overrides: list[str], *, timeout: float = 600, env: dict[str, str] | None = None, **kwargs
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        train_cmd(overrides, **kwargs),
-        cwd=ROOT,
-        env=cli_env(**(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    proc = run_cli(train_cmd(overrides, **kwargs), timeout=timeout, env=env)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc

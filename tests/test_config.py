@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import ROOT, cli_env, train_cmd
+from tests.helpers import ROOT, run_cli, train_cmd
 from trainer.config import ConfigError, load_config
 
 
@@ -83,14 +83,7 @@ def test_zero_latents_via_n_latents():
 
 def _cli(*overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
     """The training CLI on the demo recipe; these runs must stop before reading any data."""
-    return subprocess.run(
-        train_cmd(list(overrides), resume=resume),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=cli_env(),
-        timeout=120,
-    )
+    return run_cli(train_cmd(list(overrides), resume=resume), timeout=120)
 
 
 def test_cli_config_error_exits_before_reading_data(tmp_path):

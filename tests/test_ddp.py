@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
 
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, cli_env, small_overrides, train_cmd
+from tests.helpers import run_train, small_overrides
 from trainer.tracking import read_metrics
 
 
 def test_torchrun_two_ranks_identical_weights(tmp_path, demo_shards):
     out = tmp_path / "run"
     overrides = small_overrides(demo_shards, out, **{"train.total_tokens": 6 * 1024})
-    cmd = train_cmd(overrides, nproc=2)
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    run_train(overrides, nproc=2)
     digests = json.loads((out / "replicas.json").read_text())
     assert len(digests) == 2 and digests[0] == digests[1]
     tensors = load_file(out / "sae.safetensors")

@@ -20,8 +20,6 @@ Tolerances, and why:
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,7 +27,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.helpers import ROOT, cli_env, run_train, small_overrides, train_cmd
+from tests.helpers import ROOT, python_cmd, run_cli, run_train, small_overrides, train_cmd
 from trainer.config import ConfigError, DistributedConfig
 from trainer.distributed import deepspeed_config
 from trainer.tracking import read_metrics, read_run_info
@@ -38,19 +36,7 @@ HARNESS = ROOT / "tests" / "strategy_harness.py"
 
 
 def _harness(out: Path, *args: str, nproc: int = 1) -> dict:
-    if nproc == 1:
-        cmd = [sys.executable, str(HARNESS)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        cmd += ["--nproc_per_node", str(nproc), str(HARNESS)]
-    proc = subprocess.run(
-        [*cmd, *args, "--out", str(out)],
-        cwd=ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_cli([*python_cmd(nproc), str(HARNESS), *args, "--out", str(out)])
     assert proc.returncode == 0, proc.stderr[-4000:]
     record = json.loads((out / "record.json").read_text())
     record["tensors"] = load_file(out / "sae.safetensors")
@@ -234,13 +220,8 @@ def test_zero3_resumes_exactly_and_exports_the_whole_sae(tmp_path, demo_shards):
     assert ca["input_scale"] == cd["input_scale"]
 
     # A ZeRO checkpoint cannot continue under another strategy: a clear error, no damage.
-    proc = subprocess.run(
-        train_cmd(small_overrides(demo_shards, tmp_path / "x"), resume=str(ckpt)),
-        cwd=ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_cli(
+        train_cmd(small_overrides(demo_shards, tmp_path / "x"), resume=str(ckpt)), timeout=300
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "distributed.strategy=deepspeed (zero_stage 3)" in proc.stderr
