@@ -93,7 +93,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from trainer.config import DistributedConfig, SAEConfig
-    from trainer.distributed import Distributed
+    from trainer.distributed import AdamSchedule, Distributed
     from trainer.loop import train_step
     from trainer.metrics import LatentStats
     from trainer.sae import SparseAutoencoder
@@ -106,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     sae = SparseAutoencoder(args.dim, args.latents).to(env.device)
     engine = env.engine(
-        sae, cfg, lr=1e-4, betas=(0.9, 0.999), lr_lambda=lambda s: 1.0, local_tokens=args.tokens
+        sae, cfg, AdamSchedule(1e-4, (0.9, 0.999), lambda s: 1.0), local_tokens=args.tokens
     )
     if strategy == "ddp":
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from trainer.config import DistributedConfig, SAEConfig
-from trainer.distributed import Distributed
+from trainer.distributed import AdamSchedule, Distributed
 from trainer.loop import train_step
 from trainer.metrics import LatentStats
 from trainer.sae import SparseAutoencoder
@@ -79,7 +79,7 @@ def main() -> None:
     with torch.no_grad():  # a quarter of the latents start silent: ghost grads revive them
         sae.b_enc[: args.latents // 4] = -4.0
     engine = env.engine(
-        sae, cfg, lr=3e-3, betas=(0.9, 0.999), lr_lambda=lambda s: min(1.0, (s + 1) / 5),
+        sae, cfg, AdamSchedule(3e-3, (0.9, 0.999), lambda s: min(1.0, (s + 1) / 5)),
         local_tokens=local,
     )  # fmt: skip
     stats = LatentStats(args.latents, window_tokens=4 * args.batch, device="cpu")

@@ -57,6 +57,21 @@ def pick_device(device: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class AdamSchedule:
+    """The optimiser every strategy uses: Adam, with ``lr`` scaled by ``lr_lambda(step)``."""
+
+    lr: float
+    betas: tuple[float, float]
+    lr_lambda: Callable[[int], float]
+
+    def optimizer(self, params: Any) -> torch.optim.Adam:
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -120,18 +135,14 @@ class Distributed:
         self,
         sae: SparseAutoencoder,
         cfg: DistributedConfig,
+        adam: AdamSchedule,
         *,
-        lr: float,
-        betas: tuple[float, float],
-        lr_lambda: Callable[[int], float],
         local_tokens: int,
     ) -> LocalEngine | ZeroEngine:
         """The SAE with its optimiser and schedule, laid out for the configured strategy."""
         if self.strategy == "deepspeed":
-            return ZeroEngine(
-                self, sae, cfg, lr=lr, betas=betas, lr_lambda=lr_lambda, local_tokens=local_tokens
-            )
-        return LocalEngine(self, sae, lr=lr, betas=betas, lr_lambda=lr_lambda)
+            return ZeroEngine(self, sae, cfg, adam, local_tokens=local_tokens)
+        return LocalEngine(self, sae, adam)
 
     def all_reduce_sum(self, tensor: Tensor) -> Tensor:
         """In-place sum over ranks (returns the tensor)."""
@@ -191,14 +202,11 @@ class LocalEngine:
         self,
         dist_: Distributed,
         sae: SparseAutoencoder,
-        *,
-        lr: float,
-        betas: tuple[float, float],
-        lr_lambda: Callable[[int], float],
+        adam: AdamSchedule,
     ) -> None:
         self.dist, self.sae = dist_, sae
-        self.optimizer = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+        self.optimizer = adam.optimizer(sae.parameters())
+        self.scheduler = adam.scheduler(self.optimizer)
         self.module: nn.Module = sae
         if dist_.active:  # DDP broadcasts rank 0's parameters and buffers
             ids = [dist_.device.index] if dist_.device.type == "cuda" else None
@@ -366,10 +374,8 @@ class ZeroEngine:
         dist_: Distributed,
         sae: SparseAutoencoder,
         cfg: DistributedConfig,
+        adam: AdamSchedule,
         *,
-        lr: float,
-        betas: tuple[float, float],
-        lr_lambda: Callable[[int], float],
         local_tokens: int,
     ) -> None:
         ds = _import_deepspeed(dist_.device)
@@ -379,11 +385,11 @@ class ZeroEngine:
             cfg,
             local_tokens=local_tokens,
             world_size=dist_.world_size,
-            lr=lr,
-            betas=betas,
+            lr=adam.lr,
+            betas=adam.betas,
             cuda=dist_.device.type == "cuda",
         )
-        client = None if cfg.fused_optimizer else torch.optim.Adam(sae.parameters(), lr, betas)
+        client = None if cfg.fused_optimizer else adam.optimizer(sae.parameters())
         self.module, self.zero, _, _ = ds.initialize(
             model=sae, optimizer=client, config=self.config
         )
@@ -392,8 +398,8 @@ class ZeroEngine:
         # The torch optimiser that steps the partitions (DeepSpeed wraps it).
         self.optimizer: torch.optim.Optimizer = getattr(self.zero, "optimizer", self.zero)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda)
+            group["lr"] = adam.lr
+        self.scheduler = adam.scheduler(self.optimizer)
         self._safe = ds.utils
         log.info(
             "DeepSpeed ZeRO-%d on %d ranks%s: %s",

@@ -32,7 +32,7 @@ from trainer.config import (
     check_model,
     config_from_dict,
 )
-from trainer.distributed import Distributed, LocalEngine, ZeroEngine
+from trainer.distributed import AdamSchedule, Distributed, LocalEngine, ZeroEngine
 from trainer.metrics import LatentStats, MetricSums
 from trainer.plots import density_histogram
 from trainer.sae import SparseAutoencoder
@@ -204,9 +204,9 @@ class Trainer:
         self.engine = self.dist.engine(
             self.sae,
             cfg.distributed,
-            lr=cfg.train.lr,
-            betas=cfg.train.betas,
-            lr_lambda=lambda s: lr_factor(s, cfg, self.plan.total_steps),
+            AdamSchedule(
+                cfg.train.lr, cfg.train.betas, lambda s: lr_factor(s, cfg, self.plan.total_steps)
+            ),
             local_tokens=self.plan.local_tokens,
         )
         if self.ckpt_path is not None:
