@@ -24,16 +24,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
-from kernels.reference import sae_loss as eager_sae_loss  # noqa: E402
+from patchsae.kernels.reference import sae_loss as eager_sae_loss  # noqa: E402
 
 COLUMNS = ("eager", "compile", "triton dense", "triton sparse")
 GPU_SIZES = {"d": 768, "tokens": 4096, "n": [49_152, 2**18, 2**20], "l0": [32, 150, 1000]}
@@ -54,7 +49,7 @@ def make_inputs(tokens: int, d: int, n: int, l0: int, dtype: torch.dtype, device
 
 
 def implementations(l0: int, n: int) -> dict[str, Callable]:
-    from kernels.autograd import triton_sae_loss
+    from patchsae.kernels.autograd import triton_sae_loss
 
     def triton_at(threshold: float):
         def fn(*args, **kw):
@@ -208,7 +203,7 @@ def main() -> None:
 
 def encoder_rate(timer: Timer, sizes: dict, n: int, dtype, device: str, rate: float):
     """The dense encoder kernel (GEMM + bias + ReLU + L1 epilogue, no sparse code) alone."""
-    from kernels import triton_kernels as tk
+    from patchsae.kernels import triton_kernels as tk
 
     x, (W_enc, b_enc, _, b_dec) = make_inputs(sizes["tokens"], sizes["d"], n, 150, dtype, device)
     with torch.no_grad():

@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 # Collectives, with the argument holding the whole collective's data (M bytes) and the ring
@@ -91,12 +90,11 @@ class CommCounter:
 
 def worker(args: argparse.Namespace) -> None:
     import torch
-
-    from trainer.config import DistributedConfig, SAEConfig
-    from trainer.distributed import AdamSchedule, Distributed
-    from trainer.loop import train_step
-    from trainer.metrics import LatentStats
-    from trainer.sae import SparseAutoencoder
+    from patchsae.trainer.config import DistributedConfig, SAEConfig
+    from patchsae.trainer.distributed import AdamSchedule, Distributed
+    from patchsae.trainer.loop import train_step
+    from patchsae.trainer.metrics import LatentStats
+    from patchsae.trainer.sae import SparseAutoencoder
 
     counter = CommCounter()
     strategy = "ddp" if args.strategy == "ddp" else "deepspeed"
@@ -166,8 +164,7 @@ def run_one(strategy: str, n: int, args: argparse.Namespace, out: Path) -> dict:
         "--tokens", str(args.tokens),
         "--steps", str(args.steps), "--device", args.device, "--out", str(out),
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{strategy} n={n} failed:\n{proc.stderr[-3000:]}")

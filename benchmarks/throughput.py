@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,18 +27,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from patchsae.data.activations import ActivationSource, load_visual  # noqa: E402
+from patchsae.data.demo import make_demo_data  # noqa: E402
+from patchsae.data.shards import ImageShards, OrderedBatches, expand_urls  # noqa: E402
+from patchsae.trainer.config import load_config  # noqa: E402
+from patchsae.trainer.loop import Trainer  # noqa: E402
+from patchsae.trainer.sae import SparseAutoencoder  # noqa: E402
+from patchsae.trainer.tracking import read_metrics  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
-
-from data.activations import ActivationSource, load_visual  # noqa: E402
-from data.demo import make_demo_data  # noqa: E402
-from data.shards import ImageShards, OrderedBatches, expand_urls  # noqa: E402
-from trainer.config import load_config  # noqa: E402
-from trainer.loop import Trainer  # noqa: E402
-from trainer.sae import SparseAutoencoder  # noqa: E402
-from trainer.tracking import read_metrics  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from patchsae.data.activations import ActivationSource
+from patchsae.data.mixer import TokenMixer
+from patchsae.data.shards import ImageShards, OrderedBatches, ShardError
 from torch import Tensor
 from torch.utils.data import DataLoader
-
-from data.activations import ActivationSource
-from data.mixer import TokenMixer
-from data.shards import ImageShards, OrderedBatches, ShardError
 
 
 class TokenStream:

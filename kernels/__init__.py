@@ -1,14 +1,14 @@
 """SAE math: the eager reference (the specification), the Triton kernels and the dispatching
 entry point."""
 
-from kernels.dispatch import (
+from patchsae.kernels.dispatch import (
     kernel_path,
     sae_loss,
     set_sparse_threshold,
     sparse_threshold,
     stats,
 )
-from kernels.reference import SAEOutput
+from patchsae.kernels.reference import SAEOutput
 
 __all__ = [
     "SAEOutput",

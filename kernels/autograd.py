@@ -50,10 +50,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+from patchsae.kernels import triton_kernels as tk
+from patchsae.kernels.reference import MSE_NORMS, SAEOutput, ghost_loss, squared_error
 from torch import Tensor
-
-from kernels import triton_kernels as tk
-from kernels.reference import MSE_NORMS, SAEOutput, ghost_loss, squared_error
 
 ROW_CAPACITY = 8
 """The sparse code holds this many times a token's share at the threshold density (at least

@@ -23,10 +23,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from patchsae.kernels.reference import SAEOutput
+from patchsae.kernels.reference import sae_loss as eager_sae_loss
 from torch import Tensor
-
-from kernels.reference import SAEOutput
-from kernels.reference import sae_loss as eager_sae_loss
 
 KERNEL_CHOICES = ("auto", "eager", "triton")
 DEFAULT_SPARSE_THRESHOLD = 0.003
@@ -139,7 +138,7 @@ def sae_loss(
         kernel_path()  # a clear error when the Triton path cannot run here
         reason = _unsupported(tensors)
         if reason is None:
-            from kernels.autograd import triton_sae_loss
+            from patchsae.kernels.autograd import triton_sae_loss
 
             out, info = triton_sae_loss(
                 *tensors,
@@ -178,7 +177,7 @@ def _unsupported(tensors: tuple[Tensor, ...]) -> str | None:
     if any(t.device != x.device for t in tensors):
         return "tensors on different devices"
     if x.device.type != "cuda":
-        from kernels import triton_kernels
+        from patchsae.kernels import triton_kernels
 
         if not triton_kernels.INTERPRET:
             return "CPU tensors outside Triton's interpreter (TRITON_INTERPRET=1)"

@@ -10,18 +10,18 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the fix: printed without a trace."""
-    from data.activations import ModelError
-    from data.shards import ShardError
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.tracking import SyncError
+    from patchsae.data.activations import ModelError
+    from patchsae.data.shards import ShardError
+    from patchsae.trainer.checkpoint import CheckpointError
+    from patchsae.trainer.config import ConfigError
+    from patchsae.trainer.tracking import SyncError
 
     return (ConfigError, ModelError, ShardError, CheckpointError, SyncError)
 
 
 def _train(args: argparse.Namespace) -> int:
-    from trainer.config import load_config
-    from trainer.loop import train
+    from patchsae.trainer.config import load_config
+    from patchsae.trainer.loop import train
 
     cfg = load_config(args.config, args.set)  # validated before any data is read
     summary = train(cfg, resume=args.resume)
@@ -29,7 +29,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _make_demo_data(args: argparse.Namespace) -> int:
-    from data.demo import make_demo_data
+    from patchsae.data.demo import make_demo_data
 
     out = make_demo_data(args.out, n_images=args.n_images, seed=args.seed)
     print(f"demo shards written to {out}")
@@ -37,7 +37,7 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 
 
 def _sync_mlflow(args: argparse.Namespace) -> int:
-    from trainer.tracking import sync_unsent
+    from patchsae.trainer.tracking import sync_unsent
 
     sent = sync_unsent(Path(args.run_dir), tracking_uri=args.tracking_uri)
     print(f"sent {sent} records from {args.run_dir}")

@@ -1,4 +1,4 @@
-"""What ``torchrun`` runs: ``torchrun --nproc_per_node 2 -m launchers.train --config ...``.
+"""What ``torchrun`` runs: ``torchrun --nproc_per_node 2 -m patchsae.launchers.train --config ...``.
 
 Same arguments as ``patchsae train``.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from launchers.cli import main
+from patchsae.launchers.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

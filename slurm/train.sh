@@ -93,6 +93,6 @@ srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec "$@"' torchrun \
   "$PY" -m torch.distributed.run \
   --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node "$NPROC" \
   --rdzv_id "$SLURM_JOB_ID" --rdzv_backend c10d --rdzv_endpoint "$HEAD:$RDZV_PORT" \
-  -m launchers.train --config "$CONFIG" "${SETS[@]}" --resume if-present &
+  -m patchsae.launchers.train --config "$CONFIG" "${SETS[@]}" --resume if-present &
 SRUN_PID=$!
 wait "$SRUN_PID"  # in the background, so that the USR1 trap runs as soon as it arrives

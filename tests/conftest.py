@@ -20,7 +20,7 @@ torch.set_num_threads(2)
 def demo_shards(tmp_path_factory: pytest.TempPathFactory):
     """A small generated demo dataset (240 images of 64 px in 6 shards), shared by tests that
     only read it."""
-    from data.demo import make_demo_data
+    from patchsae.data.demo import make_demo_data
 
     out = tmp_path_factory.mktemp("demo-data")
     make_demo_data(out, n_images=240, image_size=64, images_per_shard=40, seed=1)

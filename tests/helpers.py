@@ -67,7 +67,7 @@ def train_cmd(
     overrides: list[str], *, config: Path = DEMO, resume: bool | str = False, nproc: int = 1
 ) -> list[str]:
     """``resume``: False (fresh), True (``--resume``) or a value (``--resume VALUE``)."""
-    cmd = [*python_cmd(nproc), "-m", "launchers.train", "--config", str(config)]
+    cmd = [*python_cmd(nproc), "-m", "patchsae.launchers.train", "--config", str(config)]
     for item in overrides:
         cmd += ["--set", item]
     if resume is True:

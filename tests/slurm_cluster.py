@@ -135,7 +135,7 @@ class Job:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
             except OSError:
                 continue
-            if "launchers.train" in argv and "torch.distributed.run" not in argv:
+            if "patchsae.launchers.train" in argv and "torch.distributed.run" not in argv:
                 if f"train.out_dir={self.out}" in argv:
                     pids.append(pid)
         # Data-loader workers are forks with the same command line: keep their parents.

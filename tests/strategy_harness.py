@@ -19,13 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from patchsae.trainer.config import DistributedConfig, SAEConfig
+from patchsae.trainer.distributed import AdamSchedule, Distributed
+from patchsae.trainer.loop import train_step
+from patchsae.trainer.metrics import LatentStats
+from patchsae.trainer.sae import SparseAutoencoder
 from safetensors.torch import save_file
-
-from trainer.config import DistributedConfig, SAEConfig
-from trainer.distributed import AdamSchedule, Distributed
-from trainer.loop import train_step
-from trainer.metrics import LatentStats
-from trainer.sae import SparseAutoencoder
 
 
 def global_batch(step: int, tokens: int, width: int, atoms: int = 64) -> torch.Tensor:

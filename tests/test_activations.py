@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from data.activations import ActivationSource, load_visual
+from patchsae.data.activations import ActivationSource, load_visual
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+from patchsae.trainer.config import ConfigError, load_config
 
 from tests.helpers import ROOT, run_cli, train_cmd
-from trainer.config import ConfigError, load_config
 
 
 def test_recipes_load_and_resolve():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
+from patchsae.trainer.tracking import read_metrics
 from safetensors.torch import load_file
 
 from tests.helpers import run_train, small_overrides
-from trainer.tracking import read_metrics
 
 
 def test_torchrun_two_ranks_identical_weights(tmp_path, demo_shards):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from patchsae.data.demo import CLASSES, make_demo_data
 from PIL import Image
-
-from data.demo import CLASSES, make_demo_data
 
 N_IMAGES, SIZE, PER_SHARD = 96, 32, 20
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from kernels import kernel_path, sae_loss
-from kernels.reference import sae_forward
+from patchsae.kernels import kernel_path, sae_loss
+from patchsae.kernels.reference import sae_forward
 
 
 def _tiny():

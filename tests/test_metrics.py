@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from kernels import sae_loss
-from trainer.metrics import LatentStats, MetricSums, centred_fvu
+from patchsae.kernels import sae_loss
+from patchsae.trainer.metrics import LatentStats, MetricSums, centred_fvu
 
 
 def test_fvu_is_centred_offset_invariant():

@@ -6,8 +6,7 @@ import itertools
 
 import pytest
 import torch
-
-from data.mixer import TokenMixer
+from patchsae.data.mixer import TokenMixer
 
 
 def _images(tokens_per_image=10, d=3):

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-import kernels
-from trainer.sae import SparseAutoencoder, geometric_median
+from patchsae import kernels
+from patchsae.trainer.sae import SparseAutoencoder, geometric_median
 
 
 def test_decoder_rows_unit_norm_after_init_and_step():

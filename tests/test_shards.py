@@ -14,12 +14,11 @@ from typing import Any
 import pytest
 import torch
 import webdataset as wds
+from patchsae.data.demo import make_demo_data
+from patchsae.data.shards import ImageShards, OrderedBatches, ShardError, expand_urls
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
-
-from data.demo import make_demo_data
-from data.shards import ImageShards, OrderedBatches, ShardError, expand_urls
 
 N_IMAGES, PER_SHARD, SIZE, BATCH = 100, 20, 32, 8
 ALL_KEYS = [f"{i:06d}" for i in range(N_IMAGES)]
@@ -82,7 +81,7 @@ def test_expand_directory_brace_file_and_join(demo_dir: Path) -> None:
 
 def test_expand_drops_missing_paths(demo_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     missing = demo_dir / "shard-000099.tar"
-    with caplog.at_level(logging.WARNING, logger="data.shards"):
+    with caplog.at_level(logging.WARNING, logger="patchsae.data.shards"):
         urls = expand_urls(f"{demo_dir}/shard-{{000003..000005}}.tar::{missing}")
     assert urls == [str(demo_dir / "shard-000003.tar"), str(demo_dir / "shard-000004.tar")]
     assert "shard-000005.tar" in caplog.text and "shard-000099.tar" in caplog.text
@@ -185,7 +184,7 @@ def test_corrupt_image_and_missing_label_are_skipped(
     samples.insert(5, {"__key__": "badlabel", "png": png((0, 0, 0)), "cls": b"cat"})
     write_tar(tmp_path / "a.tar", samples)
     dataset = make_dataset(tmp_path, shuffle_buffer=0, batch_size=4)
-    with caplog.at_level(logging.WARNING, logger="data.shards"):
+    with caplog.at_level(logging.WARNING, logger="patchsae.data.shards"):
         ordered = read_epoch(dataset, num_workers=0)
         batches = list(ordered)
     assert keys_of(batches) == [f"good{i}" for i in range(6)]
@@ -227,7 +226,7 @@ def damaged_dir(demo_dir: Path, tmp_path: Path) -> Path:
 def test_truncated_tar_is_skipped_and_counted(
     damaged_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="data.shards"):
+    with caplog.at_level(logging.WARNING, logger="patchsae.data.shards"):
         ordered = read_epoch(make_dataset(damaged_dir), num_workers=0)
         keys = keys_of(list(ordered))
     lost = {f"{i:06d}" for i in range(40 + 7, 60)}

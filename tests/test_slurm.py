@@ -18,9 +18,9 @@ import time
 
 import pytest
 from mlflow.tracking import MlflowClient
+from patchsae.trainer.tracking import read_run_info
 
 from tests.slurm_cluster import Cluster, why_unavailable
-from trainer.tracking import read_run_info
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
-
-from tests.mlflow_server import MlflowServer
-from trainer.tracking import (
+from patchsae.trainer.tracking import (
     METRICS_FILE,
     RUN_INFO_FILE,
     UNSENT_FILE,
@@ -35,7 +33,9 @@ from trainer.tracking import (
     sync_unsent,
 )
 
-LOGGER = "trainer.tracking"
+from tests.mlflow_server import MlflowServer
+
+LOGGER = "patchsae.trainer.tracking"
 
 
 @pytest.fixture(autouse=True)

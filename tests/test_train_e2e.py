@@ -13,12 +13,12 @@ import time
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from patchsae.data.demo import make_demo_data
+from patchsae.trainer.tracking import read_metrics, read_run_info
 from safetensors.torch import load_file
 
-from data.demo import make_demo_data
 from tests.helpers import run_train, small_overrides, start_train
 from tests.mlflow_server import MlflowServer
-from trainer.tracking import read_metrics, read_run_info
 
 DEMO_METRICS = [
     "loss/total",

@@ -27,12 +27,11 @@ import random
 
 import pytest
 import torch
-
-import kernels
-from kernels import dispatch
-from kernels import triton_kernels as tk
-from kernels.autograd import sparse_capacity, triton_sae_loss
-from kernels.reference import sae_loss as reference_sae_loss
+from patchsae import kernels
+from patchsae.kernels import dispatch
+from patchsae.kernels import triton_kernels as tk
+from patchsae.kernels.autograd import sparse_capacity, triton_sae_loss
+from patchsae.kernels.reference import sae_loss as reference_sae_loss
 
 N, D, F = 37, 71, 1000
 DEVICE = "cpu" if tk.INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -316,7 +315,7 @@ def test_dispatch_settings_errors_and_fallbacks(monkeypatch):
 
 
 def _train(monkeypatch, path: str, threshold: float, steps: int = 5) -> list[float]:
-    from trainer.sae import SparseAutoencoder
+    from patchsae.trainer.sae import SparseAutoencoder
 
     monkeypatch.setenv("PATCHSAE_KERNELS", path)
     kernels.set_sparse_threshold(threshold)

@@ -25,12 +25,12 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from patchsae.trainer.config import ConfigError, DistributedConfig
+from patchsae.trainer.distributed import deepspeed_config
+from patchsae.trainer.tracking import read_metrics, read_run_info
 from safetensors.torch import load_file
 
 from tests.helpers import ROOT, python_cmd, run_cli, run_train, small_overrides, train_cmd
-from trainer.config import ConfigError, DistributedConfig
-from trainer.distributed import deepspeed_config
-from trainer.tracking import read_metrics, read_run_info
 
 HARNESS = ROOT / "tests" / "strategy_harness.py"
 

@@ -399,7 +399,7 @@ def check_model(model: ModelConfig) -> int:
     """Validate the model name and hook layer against open_clip's registry; returns the
     non-negative block index."""
     # open_clip is heavy: imported here, not when the config module loads.
-    from data.activations import ModelError, check_weights, model_depth
+    from patchsae.data.activations import ModelError, check_weights, model_depth
 
     try:
         depth = model_depth(model.name)

@@ -32,12 +32,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import yaml
+from patchsae.kernels import SAEOutput
+from patchsae.trainer.config import ConfigError, DistributedConfig
+from patchsae.trainer.sae import SparseAutoencoder
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-
-from kernels import SAEOutput
-from trainer.config import ConfigError, DistributedConfig
-from trainer.sae import SparseAutoencoder
 
 log = logging.getLogger(__name__)
 

@@ -16,15 +16,13 @@ from typing import Any
 
 import torch
 import yaml
-from torch import Tensor
-
-import kernels
-from data.activations import ActivationSource, load_visual
-from data.mixer import TokenMixer
-from data.shards import ImageShards, expand_urls
-from data.stream import TokenStream
-from trainer import checkpoint
-from trainer.config import (
+from patchsae import kernels
+from patchsae.data.activations import ActivationSource, load_visual
+from patchsae.data.mixer import TokenMixer
+from patchsae.data.shards import ImageShards, expand_urls
+from patchsae.data.stream import TokenStream
+from patchsae.trainer import checkpoint
+from patchsae.trainer.config import (
     Config,
     ConfigError,
     DistributedConfig,
@@ -32,11 +30,12 @@ from trainer.config import (
     check_model,
     config_from_dict,
 )
-from trainer.distributed import AdamSchedule, Distributed, LocalEngine, ZeroEngine
-from trainer.metrics import LatentStats, MetricSums
-from trainer.plots import density_histogram
-from trainer.sae import SparseAutoencoder
-from trainer.tracking import NullTracker, Tracker, read_run_info
+from patchsae.trainer.distributed import AdamSchedule, Distributed, LocalEngine, ZeroEngine
+from patchsae.trainer.metrics import LatentStats, MetricSums
+from patchsae.trainer.plots import density_histogram
+from patchsae.trainer.sae import SparseAutoencoder
+from patchsae.trainer.tracking import NullTracker, Tracker, read_run_info
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ import math
 from typing import Any
 
 import torch
+from patchsae import kernels
+from patchsae.kernels import SAEOutput
 from torch import Tensor, nn
-
-import kernels
-from kernels import SAEOutput
 
 
 def geometric_median(points_ND: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
