@@ -12,11 +12,24 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the fix: printed without a trace."""
     from patchsae.data.activations import ModelError
     from patchsae.data.shards import ShardError
-    from patchsae.trainer.checkpoint import CheckpointError
+    from patchsae.trainer.checkpoint import CheckpointError, DiskFullError
     from patchsae.trainer.config import ConfigError
+    from patchsae.trainer.loop import TrainingDiverged
     from patchsae.trainer.tracking import SyncError
 
-    return (ConfigError, ModelError, ShardError, CheckpointError, SyncError)
+    return (
+        ConfigError,
+        ModelError,
+        ShardError,
+        CheckpointError,
+        SyncError,
+        DiskFullError,
+        TrainingDiverged,
+    )
+
+
+EXIT_DIVERGED = 3
+"""Exit status of a run stopped by non-finite steps (2: bad input; 1: a crash)."""
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -88,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         logging.getLogger("patchsae").debug("user error", exc_info=True)
         print(f"patchsae: error: {err}", file=sys.stderr)
-        return 2
+        from patchsae.trainer.loop import TrainingDiverged
+
+        return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else 2
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def main() -> None:
     for step in range(args.steps):
         x = global_batch(step, args.batch, args.width)[env.rank * local : (env.rank + 1) * local]
         record["ghost"].append(int(stats.ghost_mask(sae_cfg.ghost_window_steps).sum()))
-        out = train_step(engine, stats, env, sae_cfg, args.batch, x)
+        out, _ = train_step(engine, stats, env, sae_cfg, args.batch, x)
         terms = torch.stack([out.loss, out.mse, out.aux]).detach()
         env.all_reduce_sum(terms)
         terms /= env.world_size

@@ -116,3 +116,17 @@ def test_cli_refuses_to_start_over_an_existing_run(tmp_path, demo_shards):
     assert "already holds a run (newest checkpoint step_00000004)" in proc.stderr
     assert "--resume" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoints"]
+
+
+def test_recipe_that_is_not_valid_yaml_names_file_line_and_column(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  lr: 1e-3\n   warmup_steps: 10\n")
+    with pytest.raises(
+        ConfigError, match=r"broken.yaml, line 3, column 16: the recipe is not valid"
+    ):
+        load_config(recipe)
+    proc = run_cli(train_cmd([], config=recipe), timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "broken.yaml, line 3, column 16" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(ConfigError, match=r"'train.lr': the value '\[1' of --set is not valid"):
+        load_config(None, ["train.lr=[1"])

@@ -236,7 +236,9 @@ def test_checkpoint_files_are_complete_and_atomic(tmp_path, demo_shards):
     final = out / "checkpoints" / "step_00000008"
     assert sorted(p.name for p in final.iterdir()) == [
         "cfg.json",
+        "manifest.json",
         "sae.safetensors",
+        "sae_weights.safetensors",  # the same file, under the name SAELens loads
         "state.pt",
         "stream_rank0.pt",
     ]

@@ -20,6 +20,8 @@ Tolerances, and why:
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,3 +229,18 @@ def test_zero3_resumes_exactly_and_exports_the_whole_sae(tmp_path, demo_shards):
     assert "distributed.strategy=deepspeed (zero_stage 3)" in proc.stderr
     assert "resume with the same strategy" in proc.stderr
     assert (ckpt / "state.pt").is_file()
+
+    # One rank's truncated partition is caught (by the rank that checks it) before any load.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(full, damaged)
+    shutil.rmtree(damaged / "checkpoints" / "step_00000004")
+    newest = damaged / "checkpoints" / "step_00000008"
+    shard = sorted((newest / "zero").rglob("*optim_states.pt"))[-1]
+    os.truncate(shard, shard.stat().st_size // 2)
+    proc = run_cli(
+        train_cmd(small_overrides(demo_shards, damaged, **ZERO3), resume=True, nproc=2),
+        timeout=300,
+    )
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    assert "no intact checkpoint" in proc.stderr and shard.name in proc.stderr
+    assert "has" in proc.stderr and "bytes, the manifest" in proc.stderr

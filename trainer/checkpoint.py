@@ -3,37 +3,110 @@
 Layout of a run directory::
 
     sae.safetensors, cfg.json        final export (W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D])
+    sae_weights.safetensors          the same file (a hard link), under the name SAELens loads
     checkpoints/step_00000100/       one resumable checkpoint
         sae.safetensors, cfg.json    the export at that step
         state.pt                     model, optimiser, schedule, step, latent counters, RNG
         stream_rank{r}.pt            each rank's data position and token-mixer buffer
+        zero/                        DeepSpeed's partitions (ZeRO runs), one file set per rank
+        manifest.json                size and SHA-256 of every other file, written last
     checkpoints/latest               name of the newest complete checkpoint
 
 A checkpoint is assembled in ``step_X.tmp`` and renamed into place, so a crash leaves either the
-old checkpoint or the new one, never a half-written one. Everything is loaded with
-``weights_only=True`` or safetensors: no pickle.
+old checkpoint or the new one, never a half-written one. ``--resume`` checks every file against
+the manifest first, so a checkpoint damaged later (a flipped byte, a truncated shard) is reported
+and skipped instead of trained on. Everything is loaded with ``weights_only=True`` or
+safetensors: no pickle.
+
+A write that fails for lack of space raises ``DiskFullError`` naming what was being written and
+where; the partial file is removed.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from patchsae.trainer import saelens
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 
 
 class CheckpointError(FileNotFoundError):
     """No usable checkpoint; the message says where it looked and what to do."""
+
+
+class DiskFullError(OSError):
+    """A write failed for lack of space; the message names what, where and the fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.errno = errno.ENOSPC
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def is_disk_full(err: BaseException, folder: Path | None = None) -> bool:
+    """Whether ``err`` (or an error it was raised from) is "no space left" or "quota exceeded".
+
+    safetensors turns the OS error into its own exception type with the OS message in the text,
+    and torch's zip writer (which DeepSpeed's checkpoints use) into a bare "unexpected pos", so
+    the errno, the text and, given ``folder``, a filesystem with less than 1 MiB free count."""
+    if folder is not None:
+        try:
+            if shutil.disk_usage(folder).free < 2**20:
+                return True
+        except OSError:
+            pass
+    for e in _chain(err):
+        if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in _FULL_ERRNOS):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+    return False
+
+
+def disk_full_error(what: str, path: Path) -> DiskFullError:
+    try:
+        free = (
+            f"{shutil.disk_usage(path.parent if not path.is_dir() else path).free / 2**20:.1f} MiB"
+        )
+    except OSError:
+        free = "unknown"
+    return DiskFullError(
+        f"no space left on device while writing {what} to {path} ({free} free there); free "
+        "some space or point train.out_dir at a larger filesystem, then continue with --resume "
+        "(the last complete checkpoint is intact)",
+    )
+
+
+def torch_save(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file, so that a full disk surfaces as ``OSError``."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -44,22 +117,56 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``."""
+def atomic_write(path: Path, write: Callable[[Path], Any], what: str | None = None) -> None:
+    """Call ``write(tmp_path)``, fsync, then rename onto ``path``. A full disk raises
+    ``DiskFullError`` naming ``what`` (default: the file name) and ``path``."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise disk_full_error(what or path.name, path) from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
 
+class NonFiniteStateError(RuntimeError):
+    """Weights or optimiser state that are not finite were about to be written."""
+
+
+def _float_tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    if isinstance(tree, Tensor):
+        if tree.is_floating_point():
+            yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _float_tensors(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _float_tensors(value, f"{prefix}[{i}]")
+
+
+def check_finite(tree: Any, what: str) -> None:
+    """Refuse to write non-finite weights or optimiser state (tensors anywhere in ``tree``): a
+    NaN checkpoint or export is worse than none."""
+    bad = [name for name, t in _float_tensors(tree) if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteStateError(
+            f"refusing to write {what}: {', '.join(bad[:8])} hold non-finite values; the "
+            "last checkpoint written is the last good state (lower train.lr and --resume it)"
+        )
+
+
 def write_export(directory: Path, tensors: dict[str, Tensor], cfg_json: dict[str, Any]) -> None:
-    """``sae.safetensors`` + ``cfg.json`` in ``directory``."""
+    """``sae.safetensors`` + ``cfg.json`` in ``directory`` (refused if a weight is not finite)."""
+    check_finite(tensors, f"the SAE export in {directory}")
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write(directory / "sae.safetensors", lambda p: save_file(tensors, str(p)))
+    cfg_json = saelens.add_saelens_files(directory, tensors, cfg_json)  # SAELens loads it too
     text = json.dumps(cfg_json, indent=2, sort_keys=True)
     atomic_write(directory / "cfg.json", lambda p: p.write_text(text))
 
@@ -84,31 +191,80 @@ def begin(run_dir: Path, step: int) -> Path:
 
 
 def save_stream(tmp: Path, rank: int, stream_state: dict[str, Any]) -> None:
-    atomic_write(tmp / f"stream_rank{rank}.pt", lambda p: torch.save(stream_state, p))
+    atomic_write(tmp / f"stream_rank{rank}.pt", lambda p: torch_save(stream_state, p))
 
 
-def commit(
-    tmp: Path,
-    *,
-    tensors: dict[str, Tensor],
-    cfg_json: dict[str, Any],
-    state: dict[str, Any],
-    world_size: int,
-    keep: int,
-) -> Path:
-    """Rank 0, after every rank has saved its stream: write the model state, rename the folder
-    into place, point ``latest`` at it and delete older checkpoints beyond ``keep``."""
-    missing = [r for r in range(world_size) if not (tmp / f"stream_rank{r}.pt").exists()]
-    if missing:
-        raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not save their data position")
+def save_state(
+    tmp: Path, *, tensors: dict[str, Tensor], cfg_json: dict[str, Any], state: dict[str, Any]
+) -> None:
+    """Rank 0: the export and ``state.pt`` of the checkpoint being assembled in ``tmp``."""
+    check_finite(state, f"checkpoint {tmp.with_suffix('').name}")
     write_export(tmp, tensors, cfg_json)
-    atomic_write(tmp / "state.pt", lambda p: torch.save(state, p))
+    atomic_write(tmp / "state.pt", lambda p: torch_save(state, p))
+
+
+# -- integrity ------------------------------------------------------------------------------
+
+
+def _files(folder: Path) -> list[str]:
+    """Every file of a checkpoint folder but the manifest, as sorted relative paths."""
+    return sorted(
+        str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
+    )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_files(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of this rank's share (every ``world_size``-th) of ``folder``'s files,
+    so that the ranks of a large ZeRO checkpoint hash it together."""
+    return {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+        for name in _files(folder)[rank::world_size]
+    }
+
+
+def write_manifest(folder: Path, digests: dict[str, dict[str, Any]]) -> None:
+    text = json.dumps({"files": dict(sorted(digests.items()))}, indent=1)
+    atomic_write(folder / MANIFEST, lambda p: p.write_text(text), "the checkpoint manifest")
+
+
+def verify(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
+    """Problems with this rank's share of the files the manifest of ``folder`` lists (missing,
+    wrong size, wrong checksum); the whole list when the manifest itself is missing or broken.
+    An empty list: that share is intact."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        reason = "missing" if isinstance(err, FileNotFoundError) else f"unreadable ({err})"
+        return [f"{MANIFEST} is {reason}, so the checkpoint is incomplete"]
+    problems = []
+    for name in sorted(files)[rank::world_size]:
+        want, path = files[name], folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != want["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest {want['bytes']}")
+        elif _sha256(path) != want["sha256"]:
+            problems.append(f"{name} does not match its checksum (the file is corrupt)")
+    return problems
+
+
+def commit(tmp: Path, *, keep: int) -> Path:
+    """Rank 0, once every file and the manifest are in ``tmp``: rename the folder into place,
+    point ``latest`` at it and delete older checkpoints beyond ``keep``."""
     final = tmp.with_suffix("")
     if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
     root = final.parent
-    atomic_write(root / "latest", lambda p: p.write_text(final.name + "\n"))
+    atomic_write(root / "latest", lambda p: p.write_text(final.name + "\n"), "checkpoints/latest")
     _fsync_dir(root)
     complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix == "")
     for old in complete[:-keep]:
@@ -117,32 +273,40 @@ def commit(
     return final
 
 
-def newest_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint ``folder`` is, or the newest one in its ``checkpoints/``; None if none."""
-    if (folder / "state.pt").is_file():
-        return folder
+def candidates(folder: Path) -> list[Path]:
+    """Checkpoints to try for ``--resume``, best first: ``folder`` itself when it is one (no
+    fallback: the user named it), else its complete ``step_*`` folders, newest first."""
+    if (folder / "state.pt").is_file() or (folder / MANIFEST).is_file():
+        return [folder]
     root = folder / CHECKPOINTS
-    latest = root / "latest"
-    if latest.is_file():
-        path = root / latest.read_text().strip()
-        if (path / "state.pt").is_file():
-            return path
-    complete = sorted(p for p in root.glob("step_*") if (p / "state.pt").is_file())
-    return complete[-1] if complete else None
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.suffix == ""), reverse=True)
 
 
-def find_checkpoint(run_dir: Path, resume: str) -> Path:
-    """``resume``: ``auto`` (the newest checkpoint of ``run_dir``), a checkpoint folder, or a run
-    directory."""
-    candidate = Path(resume) if resume != "auto" else run_dir
-    found = newest_checkpoint(candidate)
-    if found is None:
+def pick_verified(resume: str, folder: Path, verify_fn: Callable[[Path], list[str]]) -> Path:
+    """The first of ``candidates(folder)`` that ``verify_fn`` finds intact; a warning names each
+    one skipped and why. None intact: ``CheckpointError`` listing what was found."""
+    found = candidates(folder)
+    if not found:
         raise CheckpointError(
-            f"--resume {resume}: no checkpoint found in {candidate} (looked for state.pt and "
-            f"{CHECKPOINTS}/latest); pass a run directory that has checkpoints, or start "
+            f"--resume {resume}: no checkpoint found in {folder} (looked for state.pt and "
+            f"{CHECKPOINTS}/step_*); pass a run directory that has checkpoints, or start "
             "without --resume"
         )
-    return found
+    rejected = []
+    for path in found:
+        problems = verify_fn(path)
+        if not problems:
+            if rejected:
+                log.warning("resuming from %s, the newest intact checkpoint", path.name)
+            return path
+        rejected.append(f"{path}: {'; '.join(problems)}")
+        log.warning("checkpoint %s is damaged, not resuming from it: %s", path, "; ".join(problems))
+    raise CheckpointError(
+        f"--resume {resume}: no intact checkpoint in {folder}. Found: "
+        + " | ".join(rejected)
+        + ". Restore the files from a copy, or start a new run (without --resume, or in "
+        "another train.out_dir)"
+    )
 
 
 def load_state(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:

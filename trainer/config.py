@@ -161,9 +161,14 @@ class TrainConfig:
     """Run directory: checkpoints, exported SAE, local metrics, the default MLflow store."""
     threads: int = 0
     """torch CPU threads (0 keeps torch's default)."""
+    max_skipped_steps: int = 10
+    """A step whose loss or gradient norm is not finite is skipped (weights and Adam state
+    untouched); after this many in a row, training stops with a checkpoint of the last good
+    state."""
 
     def __post_init__(self) -> None:
         _positive("train", self, "lr", "log_every", "keep_checkpoints", "dead_window_tokens")
+        _positive("train", self, "max_skipped_steps")
         _positive("train", self, "batch_tokens", "batch_images", "total_tokens", "total_images")
         if self.warmup_steps < 0 or self.checkpoint_every < 0:
             _fail("train.warmup_steps", "steps must be >= 0", "use 0 to disable")
@@ -363,7 +368,29 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         )
     path, value = text.split("=", 1)
     section, key = path.split(".", 1)
-    return section, key, yaml.safe_load(value) if value != "" else None
+    try:
+        return section, key, yaml.safe_load(value) if value != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(
+            f"config error at '{path}': the value {value!r} of --set is not valid YAML "
+            f"({getattr(err, 'problem', None) or err}); quote it, e.g. --set '{path}=\"...\"'"
+        ) from err
+
+
+def _read_yaml(path: Path) -> Any:
+    """The recipe's contents; a syntax error names the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = " ".join(x for x in (err.context, err.problem) if x)
+        raise ConfigError(
+            f"config error: {where}: the recipe is not valid YAML ({problem}); fix that line "
+            "(indentation and `key: value` pairs under each section)"
+        ) from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config error: {path} is not valid YAML ({err}); fix the file") from err
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -376,7 +403,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(
                 f"config error: recipe {str(path)!r} does not exist; pass a YAML file"
             )
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"config error: {path} must hold a mapping of sections")
     for text in overrides:

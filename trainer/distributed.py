@@ -58,17 +58,48 @@ def pick_device(device: str, local_rank: int) -> torch.device:
 
 @dataclass(frozen=True)
 class AdamSchedule:
-    """The optimiser every strategy uses: Adam, with ``lr`` scaled by ``lr_lambda(step)``."""
+    """The optimiser every strategy uses: Adam, with ``lr`` scaled by ``lr_lambda(step)``.
+
+    Adam is torch's fused implementation, the one that can skip a step on the device: given
+    ``found_inf`` (see ``skip_if``) it leaves the weights, the moments and the step count as
+    they are, with no host sync.
+    """
 
     lr: float
     betas: tuple[float, float]
     lr_lambda: Callable[[int], float]
 
     def optimizer(self, params: Any) -> torch.optim.Adam:
-        return torch.optim.Adam(params, lr=self.lr, betas=self.betas)
+        return torch.optim.Adam(params, lr=self.lr, betas=self.betas, fused=True)
 
     def scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_lambda)
+
+    def load_scheduler(self, scheduler: Any, state: dict[str, Any]) -> None:
+        """The schedule's position from a checkpoint, its base rate from this run's config, so
+        that a run resumed with another ``train.lr`` (after it diverged, say) uses that."""
+        scheduler.load_state_dict(state)
+        scheduler.base_lrs = [self.lr] * len(scheduler.base_lrs)
+        factor = self.lr_lambda(scheduler.last_epoch)
+        for group in scheduler.optimizer.param_groups:
+            group["lr"] = self.lr * factor
+        scheduler._last_lr = [self.lr * factor] * len(scheduler.base_lrs)
+
+
+def skip_if(optimizer: torch.optim.Optimizer, skip: Tensor) -> None:
+    """Make the next ``optimizer.step()`` a no-op where ``skip`` (a device bool) is true.
+
+    torch's fused Adam reads ``found_inf`` (what ``GradScaler`` sets) on the device. Other
+    optimisers (DeepSpeed's own, ``distributed.fused_optimizer``) do not; DeepSpeed skips a
+    step with a non-finite gradient norm itself."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+
+
+def grad_norm(params: Any) -> Tensor:
+    """The global L2 norm of the gradients, on the device."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 def _free_port() -> int:
@@ -203,7 +234,7 @@ class LocalEngine:
         sae: SparseAutoencoder,
         adam: AdamSchedule,
     ) -> None:
-        self.dist, self.sae = dist_, sae
+        self.dist, self.sae, self.adam = dist_, sae, adam
         self.optimizer = adam.optimizer(sae.parameters())
         self.scheduler = adam.scheduler(self.optimizer)
         self.module: nn.Module = sae
@@ -218,20 +249,27 @@ class LocalEngine:
     def forward(self, x_ND: Tensor, **kwargs: Any) -> SAEOutput:
         return self.module(x_ND, **kwargs)
 
-    def step(self, loss: Tensor) -> None:
-        """Backward, optimiser step, schedule step, decoder rows back to unit norm."""
+    def backward(self, loss: Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+
+    def step(self, skip: Tensor) -> Tensor:
+        """Optimiser step, schedule step, decoder rows back to unit norm; a step whose gradient
+        norm is not finite, or where ``skip`` is set, leaves the weights and Adam state
+        untouched (decided on the device). Returns whether it was skipped."""
+        self._grad_norm = grad_norm(self.sae.parameters())
+        skip = skip | ~torch.isfinite(self._grad_norm)
+        skip_if(self.optimizer, skip)
         self.optimizer.step()
         self.scheduler.step()
-        self.sae.normalize_decoder()
+        self.sae.normalize_decoder(keep=~skip)
+        return skip
 
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
     def grad_norm(self) -> float:
-        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
+        return float(self._grad_norm)
 
     def state_dict(self) -> dict[str, Any]:
         """For ``state.pt`` (written by rank 0: every rank holds the same state)."""
@@ -252,7 +290,7 @@ class LocalEngine:
             )
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.adam.load_scheduler(self.scheduler, state["scheduler"])
 
     def full_tensors(self) -> dict[str, Tensor]:
         """This rank's whole SAE (export layout); a collective under ZeRO, so every rank calls."""
@@ -378,7 +416,7 @@ class ZeroEngine:
         local_tokens: int,
     ) -> None:
         ds = _import_deepspeed(dist_.device)
-        self.dist, self.sae, self.cfg = dist_, sae, cfg
+        self.dist, self.sae, self.cfg, self.adam = dist_, sae, cfg, adam
         self.stage = cfg.zero_stage
         self.config = deepspeed_config(
             cfg,
@@ -440,23 +478,32 @@ class ZeroEngine:
     def forward(self, x_ND: Tensor, **kwargs: Any) -> SAEOutput:
         return self.module(x_ND, **kwargs)
 
-    def step(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor) -> None:
         self.module.backward(loss)
+
+    def step(self, skip: Tensor) -> Tensor:
+        """As ``LocalEngine.step``. DeepSpeed computes the gradient norm on the host and skips
+        a step where it is not finite; ``skip`` reaches torch's fused Adam inside it."""
+        skip_if(self.optimizer, skip)
         self.module.step()
+        norm = self.module.get_global_grad_norm()
+        skip = skip | ~torch.isfinite(torch.as_tensor(float("nan") if norm is None else norm))
+        skip = skip.to(self.dist.device)
         self.scheduler.step()
-        self._normalize_decoder()
+        self._normalize_decoder(keep=~skip)
+        return skip
 
     # -- the decoder constraint on partitioned weights --------------------------------------
 
     @torch.no_grad()
-    def _normalize_decoder(self) -> None:
+    def _normalize_decoder(self, keep: Tensor) -> None:
         """Rescale every decoder row to unit norm in the fp32 master weights and in the
-        parameters the next forward uses."""
+        parameters the next forward uses (unless ``keep`` is false: a skipped step)."""
         W = self.sae.W_dec
         if self.stage < 3:
             # Parameters are whole on every rank (and equal): normalise them, then write this
             # rank's piece of the fp32 master copy that the optimiser steps.
-            self.sae.normalize_decoder()
+            self.sae.normalize_decoder(keep=keep)
             self._safe.safe_set_full_fp32_param(W, W.detach())
             return
         n_rows, width = W.ds_shape
@@ -470,14 +517,14 @@ class ZeroEngine:
         sq_F.index_add_(0, rows, torch.where(valid, local.float().square(), 0.0))
         if self.dist.active:
             dist.all_reduce(sq_F, group=W.ds_process_group)
-        scale = sq_F.sqrt().clamp_min(1e-8).reciprocal()[rows]
+        scale = torch.where(keep, sq_F.sqrt().clamp_min(1e-8).reciprocal(), 1.0)[rows]
         normed = torch.where(valid, local * scale.to(local.dtype), local)
         self._safe.safe_set_local_fp32_param(W, normed)
         W.ds_tensor.data.copy_(normed.to(W.ds_tensor.device, W.ds_tensor.dtype))
         if getattr(W, "ds_persist", False):
             # Below ``param_persistence_threshold`` the whole parameter also stays on every rank
             # (refreshed by DeepSpeed after its step, so before this): rescale it too.
-            self.sae.normalize_decoder()
+            self.sae.normalize_decoder(keep=keep)
 
     # -- reporting ---------------------------------------------------------------------------
 
@@ -543,7 +590,7 @@ class ZeroEngine:
         if path is None:
             raise ConfigError(f"checkpoint {folder} has no DeepSpeed state in {self.TAG}/")
         self.sae.input_scale.copy_(state["input_scale"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.adam.load_scheduler(self.scheduler, state["scheduler"])
 
     def full_tensors(self) -> dict[str, Tensor]:
         """The whole SAE, gathered from the partitions (a collective: every rank calls)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from patchsae.data.activations import ActivationSource, load_visual
 from patchsae.data.mixer import TokenMixer
 from patchsae.data.shards import ImageShards, expand_urls
 from patchsae.data.stream import TokenStream
-from patchsae.trainer import checkpoint
+from patchsae.trainer import checkpoint, saelens
 from patchsae.trainer.config import (
     Config,
     ConfigError,
@@ -119,11 +120,14 @@ def train_step(
     sae_cfg: SAEConfig,
     batch_tokens: int,
     x_ND: Tensor,
-) -> kernels.SAEOutput:
+) -> tuple[kernels.SAEOutput, Tensor]:
     """One optimiser step on this rank's ``x_ND``; ``batch_tokens`` counts all ranks' tokens.
+    Returns the SAE output and whether the step was skipped (a device bool).
 
-    Firing counts are summed over ranks before they update ``stats``, so the ghost-grad mask
-    and the dead-latent statistics are global and equal on every rank.
+    A step whose loss (on any rank) or gradient norm is not finite is skipped: weights and
+    Adam state stay as they were, decided on the device. Firing counts are summed over ranks
+    before they update ``stats``, so the ghost-grad mask and the dead-latent statistics are
+    global and equal on every rank; the same all-reduce carries the loss check.
     """
     ghost = stats.ghost_mask(sae_cfg.ghost_window_steps) if sae_cfg.ghost_grads else None
     out = engine.forward(
@@ -133,11 +137,17 @@ def train_step(
         l1_decoder_norm=sae_cfg.l1_decoder_norm,
         ghost_mask_F=ghost,
     )
-    engine.step(out.loss)
+    engine.backward(out.loss)
     with torch.no_grad():
-        fired_F = dist.all_reduce_sum((out.f_NF > 0).sum(dim=0))
-        stats.update(fired_F, batch_tokens)
-    return out
+        bad = ~torch.isfinite(out.loss.detach())
+        packed = dist.all_reduce_sum(torch.cat([(out.f_NF > 0).sum(dim=0), bad.reshape(1)]))
+        fired_F, skipped = packed[:-1], engine.step(packed[-1] > 0)
+        stats.update(fired_F, batch_tokens, keep=~skipped)
+    return out, skipped
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many non-finite steps in a row; the message names the likely fix."""
 
 
 def _state_layout(cfg: DistributedConfig) -> str:
@@ -196,6 +206,8 @@ class Trainer:
         self.sae = SparseAutoencoder(d, f).to(self.dist.device)
         self.stats = LatentStats(f, cfg.train.dead_window_tokens, self.dist.device)
         self.sums = MetricSums(d, self.dist.device)
+        # Non-finite steps skipped: [in all, in a row now], on the device (read at log steps).
+        self.skips = torch.zeros(2, dtype=torch.int64, device=self.dist.device)
         self.step = 0
         self.run_id: str | None = None
         if self.ckpt_path is None:
@@ -216,20 +228,28 @@ class Trainer:
 
     def _find_resume(self, resume: str | None) -> Path | None:
         """``None``: fresh start (refused where a run already is, so that nothing is
-        overwritten); ``if-present``: the newest checkpoint of the run directory if
-        there is one (what a requeued job wants); anything else must name a checkpoint."""
-        if resume not in (None, "if-present"):
-            return checkpoint.find_checkpoint(self.run_dir, resume)
-        existing = checkpoint.newest_checkpoint(self.run_dir)
-        if existing is not None and resume is None:
-            raise checkpoint.CheckpointError(
-                f"train.out_dir {self.run_dir} already holds a run (newest checkpoint "
-                f"{existing.name}); pass --resume to continue it, or set another "
-                "train.out_dir (or delete that folder) to start a new run"
-            )
-        if existing is None and resume == "if-present":
+        overwritten); ``if-present``: the newest intact checkpoint of the run directory if
+        there is one (what a requeued job wants); ``auto``: that, or an error; anything else
+        names a checkpoint or run folder. Checkpoints are verified against their manifest."""
+        if resume is None:
+            existing = checkpoint.candidates(self.run_dir)
+            if existing:
+                raise checkpoint.CheckpointError(
+                    f"train.out_dir {self.run_dir} already holds a run (newest checkpoint "
+                    f"{existing[0].name}); pass --resume to continue it, or set another "
+                    "train.out_dir (or delete that folder) to start a new run"
+                )
+            return None
+        if resume == "if-present" and not checkpoint.candidates(self.run_dir):
             log.info("no checkpoint in %s: starting a new run", self.run_dir)
-        return existing
+            return None
+        folder = self.run_dir if resume in ("auto", "if-present") else Path(resume)
+        return checkpoint.pick_verified(resume, folder, self._verify)
+
+    def _verify(self, path: Path) -> list[str]:
+        """Every rank checks its share of the checkpoint's files; all get the whole list."""
+        mine = checkpoint.verify(path, self.dist.rank, self.dist.world_size)
+        return sorted({p for part in self.dist.all_gather_object(mine) for p in part})
 
     def _check_resumable(self, path: Path) -> None:
         saved = config_from_dict(checkpoint.read_export(path)[1]["config"])
@@ -301,7 +321,7 @@ class Trainer:
             tracker.log_params(params)
             config_yaml = self.run_dir / "config.yaml"
             checkpoint.atomic_write(
-                config_yaml, lambda p: p.write_text(yaml.safe_dump(self.cfg.to_dict()))
+                config_yaml, lambda p: p.write_text(yaml.safe_dump(self.cfg.to_dict())), "config"
             )
             tracker.log_artifact(config_yaml)
         return tracker
@@ -337,6 +357,7 @@ class Trainer:
             "stats": self.stats.state_dict(),
             "rng": rng,
             "run_id": getattr(self.tracker, "run_id", None) or self.run_id,
+            "skipped_steps": int(self.skips[0]),
         }
 
     def _load(self, path: Path) -> None:
@@ -348,38 +369,63 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
         self.stream.load_state_dict(stream)
         self.step, self.run_id = state["step"], state["run_id"]
+        self.skips[0] = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path | None:
-        if self.dist.is_main:
-            checkpoint.begin(self.run_dir, self.step)
-        self.dist.barrier()
+        """Write a checkpoint (a collective). Any rank's failure removes the temp folder and
+        raises on every rank; a full disk raises ``DiskFullError`` naming what and where."""
         tmp = checkpoint.step_dir(self.run_dir, self.step).with_suffix(".tmp")
-        checkpoint.save_stream(tmp, self.dist.rank, self.stream.state_dict())
-        self.engine.save_shards(tmp)
-        tensors = self.engine.full_tensors()
+        error: BaseException | None = None
+        try:
+            if self.dist.is_main:
+                checkpoint.begin(self.run_dir, self.step)
+            self.dist.barrier()
+            checkpoint.save_stream(tmp, self.dist.rank, self.stream.state_dict())
+            self.engine.save_shards(tmp)
+            tensors = self.engine.full_tensors()
+            if self.dist.is_main:
+                checkpoint.save_state(
+                    tmp, tensors=tensors, cfg_json=self.cfg_json(), state=self._state()
+                )
+        except Exception as err:
+            error = err
+        failed = torch.tensor([float(error is not None)], device=self.dist.device)
+        if self.dist.all_reduce_max(failed).item():
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if error is None:
+                raise RuntimeError(f"checkpoint {tmp.name}: another rank failed to write it")
+            if checkpoint.is_disk_full(error, tmp.parent):
+                raise checkpoint.disk_full_error(
+                    f"checkpoint {tmp.with_suffix('').name}", tmp
+                ) from error
+            raise error
         self.dist.barrier()
+        digests = checkpoint.digest_files(tmp, self.dist.rank, self.dist.world_size)
+        parts = self.dist.all_gather_object(digests)
         final = None
         if self.dist.is_main:
-            final = checkpoint.commit(
-                tmp,
-                tensors=tensors,
-                cfg_json=self.cfg_json(),
-                state=self._state(),
-                world_size=self.dist.world_size,
-                keep=self.cfg.train.keep_checkpoints,
-            )
+            try:
+                checkpoint.write_manifest(tmp, {k: v for part in parts for k, v in part.items()})
+                final = checkpoint.commit(tmp, keep=self.cfg.train.keep_checkpoints)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
         self.dist.barrier()
         return final
 
     # -- the loop ----------------------------------------------------------------------------
 
     def train_step(self, x_ND: Tensor) -> None:
-        out = train_step(
+        out, skipped = train_step(
             self.engine, self.stats, self.dist, self.cfg.sae, self.plan.batch_tokens, x_ND
         )
         with torch.no_grad():
-            self.sums.add(out, x_ND.to(self.sae.W_enc.dtype) * self.sae.input_scale)
+            x = x_ND.to(self.sae.W_enc.dtype) * self.sae.input_scale
+            self.sums.add(out, x, keep=~skipped)
+            self.skips[0] += skipped
+            self.skips[1] = (self.skips[1] + 1) * skipped
         self.step += 1
 
     def log_metrics(self, clock: dict[str, float]) -> dict[str, float]:
@@ -407,6 +453,7 @@ class Trainer:
                 "perf/sparse_step_frac": kernels.stats.sparse_step_frac,
                 "data/skipped": images[1],
                 "data/epoch": float(self.stream.epoch),
+                "train/skipped_steps": float(self.skips[0]),
             }
         )
         self.tracker.log_metrics(metrics, step=self.step)
@@ -415,7 +462,8 @@ class Trainer:
         clock.update(t=now, wait=self.stream.wait_s, images=self.stream.images_seen)
         if self.dist.is_main:
             log.info(
-                "step %d/%d | %.0f tok/s | loss %.4g | fvu %.4f | l0 %.1f | dead %.3f | wait %.0f%%",
+                "step %d/%d | %.0f tok/s | loss %.4g | fvu %.4f | l0 %.1f | dead %.3f | "
+                "wait %.0f%% | skipped %d",
                 self.step,
                 self.plan.total_steps,
                 metrics["perf/tokens_per_s"],
@@ -424,8 +472,45 @@ class Trainer:
                 metrics["sparsity/l0"],
                 metrics["sparsity/dead_frac"],
                 100 * metrics["perf/data_wait_frac"],
+                metrics["train/skipped_steps"],
             )
         return metrics
+
+    def _check_diverged(self) -> None:
+        """Stop after ``train.max_skipped_steps`` non-finite steps in a row (read at log steps,
+        so up to ``log_every`` more may pass), with a checkpoint of the current state: skipped
+        steps leave it alone, so it is finite. Its own next loss was not, though, so the
+        message also names the newest earlier checkpoint whose weights still gave finite
+        losses, the one to resume from with a lower learning rate."""
+        in_a_row = int(self.skips[1])
+        if in_a_row < self.cfg.train.max_skipped_steps:
+            return
+        first_bad = self.step - in_a_row + 1
+        earlier = [
+            p
+            for p in checkpoint.candidates(self.run_dir)
+            if int(p.name.split("_")[-1]) < first_bad - 1
+        ]
+        final = self.save()
+        lr = f"train.lr={self.cfg.train.lr:g}"
+        if earlier:
+            advice = (
+                f"continue from {earlier[0]}, the newest checkpoint before the failure, with "
+                f"--resume {earlier[0]} --set train.lr=<lower>"
+            )
+        else:
+            advice = (
+                f"no checkpoint precedes step {first_bad}: start a new run with a lower train.lr "
+                "(or set train.checkpoint_every to keep earlier states)"
+            )
+        raise TrainingDiverged(
+            f"training stopped at step {self.step}: steps {first_bad}-{self.step} had a "
+            "non-finite loss or gradient norm and were skipped, weights and Adam state "
+            f"untouched ({int(self.skips[0])} skipped in all; train.max_skipped_steps="
+            f"{self.cfg.train.max_skipped_steps}). The learning rate is the likely cause "
+            f"({lr}): {advice}. The state at the stop is saved in {final} (finite, but its "
+            "loss was not). If the loss was never finite, check the data for non-finite values"
+        )
 
     def _stop_requested(self) -> bool:
         flag = torch.tensor([float(self.stop.requested)], device=self.dist.device)
@@ -447,6 +532,7 @@ class Trainer:
                 self.train_step(self.stream.next_batch(self.plan.local_tokens))
                 if self.step % cfg.log_every == 0 or self.step == total:
                     metrics = self.log_metrics(clock)
+                    self._check_diverged()
                     if self._stop_requested():
                         interrupted = True
                         break
@@ -476,7 +562,9 @@ class Trainer:
         if not self.dist.is_main:
             return
         checkpoint.atomic_write(
-            self.run_dir / "replicas.json", lambda p: p.write_text(json.dumps(digests, indent=1))
+            self.run_dir / "replicas.json",
+            lambda p: p.write_text(json.dumps(digests, indent=1)),
+            "the replica digests",
         )
         if len(set(digests)) != 1:
             log.error("ranks hold different SAE weights at the end: %s", digests)
@@ -484,8 +572,8 @@ class Trainer:
         checkpoint.write_export(self.run_dir, tensors, self.cfg_json())
         plot = density_histogram(self.stats.density().cpu(), self.run_dir / "density_hist.png")
         self.tracker.log_artifact(plot, "plots")
-        self.tracker.log_artifact(self.run_dir / "sae.safetensors", "sae")
-        self.tracker.log_artifact(self.run_dir / "cfg.json", "sae")
+        for name in ("sae.safetensors", saelens.WEIGHTS, "cfg.json"):  # a folder SAELens loads
+            self.tracker.log_artifact(self.run_dir / name, "sae")
 
 
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:

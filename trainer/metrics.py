@@ -32,12 +32,20 @@ class LatentStats:
         self.last_counts_F = zeros()
         self.last_seen = 0
 
-    def update(self, fired_counts_F: Tensor, n_tokens: int) -> None:
+    def update(self, fired_counts_F: Tensor, n_tokens: int, keep: Tensor | None = None) -> None:
         """``fired_counts_F``: how many of this step's ``n_tokens`` tokens each latent fired on
-        (summed over ranks by the caller, so the statistics are global)."""
+        (summed over ranks by the caller, so the statistics are global). ``keep`` false (a
+        device bool; a skipped non-finite step): the step tells nothing, so the silence counters
+        stay; its tokens still count in the window, which the host tracks without a sync."""
+        if keep is not None:
+            fired_counts_F = torch.where(keep, fired_counts_F, 0)
         fired_F = fired_counts_F > 0
-        self.steps_since_fired_F = torch.where(fired_F, 0, self.steps_since_fired_F + 1)
-        self.tokens_since_fired_F = torch.where(fired_F, 0, self.tokens_since_fired_F + n_tokens)
+        steps_F = torch.where(fired_F, 0, self.steps_since_fired_F + 1)
+        tokens_F = torch.where(fired_F, 0, self.tokens_since_fired_F + n_tokens)
+        if keep is not None:
+            steps_F = torch.where(keep, steps_F, self.steps_since_fired_F)
+            tokens_F = torch.where(keep, tokens_F, self.tokens_since_fired_F)
+        self.steps_since_fired_F, self.tokens_since_fired_F = steps_F, tokens_F
         self.window_counts_F += fired_counts_F
         self.window_seen += n_tokens
         if self.window_seen >= self.window_tokens:
@@ -82,9 +90,21 @@ class LatentStats:
 
 
 class MetricSums:
-    """Sums over a log interval, as one float64 device vector (one all-reduce, one sync)."""
+    """Sums over a log interval, as one float64 device vector (one all-reduce, one sync).
+
+    Skipped (non-finite) steps count in ``steps`` only: the means are over the steps that were
+    applied, and NaN when there was none."""
 
     FIELDS = ("loss", "mse", "l1", "aux", "l0", "sq_err", "sq_norm", "tokens", "steps")
+    NAMES = (
+        "loss/total",
+        "loss/mse",
+        "loss/l1",
+        "loss/aux",
+        "quality/fvu",
+        "quality/explained_variance",
+        "sparsity/l0",
+    )
 
     def __init__(self, d_in: int, device: torch.device | str) -> None:
         self.d_in, self.device = d_in, device
@@ -95,8 +115,9 @@ class MetricSums:
         self.sum_x_D = torch.zeros(self.d_in, dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
-    def add(self, out: Any, x_ND: Tensor) -> None:
-        """``out``: the kernels' ``SAEOutput``; ``x_ND``: the inputs the SAE saw."""
+    def add(self, out: Any, x_ND: Tensor, keep: Tensor | None = None) -> None:
+        """``out``: the kernels' ``SAEOutput``; ``x_ND``: the inputs the SAE saw; ``keep``: a
+        device bool, false for a skipped step."""
         x = x_ND.double()
         n = x.shape[0]
         values = torch.stack(
@@ -109,11 +130,15 @@ class MetricSums:
                 (x - out.x_hat_ND.detach().double()).pow(2).sum(),
                 x.pow(2).sum(),
                 torch.full((), float(n), dtype=torch.float64, device=x.device),  # no H2D sync
-                torch.ones((), dtype=torch.float64, device=x.device),
             ]
         )
-        self.scalars += values
-        self.sum_x_D += x.sum(dim=0)
+        sum_x_D = x.sum(dim=0)
+        if keep is not None:  # where, not a product: NaN * 0 is NaN
+            values = torch.where(keep, values, 0.0)
+            sum_x_D = torch.where(keep, sum_x_D, 0.0)
+        self.scalars[:-1] += values
+        self.scalars[-1] += 1  # steps
+        self.sum_x_D += sum_x_D
 
     def packed(self) -> Tensor:
         """One vector to all-reduce across ranks."""
@@ -125,7 +150,9 @@ class MetricSums:
         k = len(self.FIELDS)
         s = dict(zip(self.FIELDS, packed[:k].tolist(), strict=True))
         sum_x_D = packed[k:]
-        n = max(s["tokens"], 1.0)
+        if s["tokens"] == 0:  # every step of the interval was skipped
+            return dict.fromkeys(self.NAMES, float("nan"))
+        n = s["tokens"]
         centred = s["sq_norm"] - float(sum_x_D.pow(2).sum()) / n
         fvu = s["sq_err"] / max(centred, 1e-30)
         return {

@@ -127,9 +127,13 @@ class SparseAutoencoder(nn.Module):
         )
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rescale each decoder row to unit L2 norm (after every optimiser step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8))
+    def normalize_decoder(self, keep: Tensor | None = None) -> None:
+        """Rescale each decoder row to unit L2 norm (after every optimiser step). ``keep``, a
+        device bool, false: leave the rows exactly as they are (a skipped step), with no sync."""
+        norm = self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        if keep is not None:
+            norm = torch.where(keep, norm, 1.0)
+        self.W_dec.div_(norm)
 
     @torch.no_grad()
     def export_tensors(self) -> dict[str, Tensor]:

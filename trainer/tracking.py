@@ -54,6 +54,7 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -167,16 +168,34 @@ def _write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _open_for_append(path: Path) -> IO[str]:
-    """Open a JSON-lines file for appending. If a crash cut its last line short, start on a
-    new line, so the first new record is not glued to the broken one."""
-    f = path.open("a", encoding="utf-8")
+def _open_for_append(path: Path) -> IO[bytes]:
+    """Open a JSON-lines file for appending, unbuffered (``_append_line`` writes whole lines).
+    If a crash cut its last line short, start on a new line, so the first new record is not
+    glued to the broken one."""
+    f = path.open("ab", buffering=0)
     if f.tell() > 0:
         with path.open("rb") as r:
             r.seek(-1, os.SEEK_END)
             if r.read(1) != b"\n":
-                f.write("\n")
+                _append_line(f, "", path)
     return f
+
+
+def _append_line(f: IO[bytes], line: str, path: Path) -> None:
+    """Append ``line`` and a newline, or nothing: a failed write (a full disk) is cut off again,
+    so the file stays one record per line, and a full disk raises ``DiskFullError``."""
+    from patchsae.trainer.checkpoint import disk_full_error, is_disk_full
+
+    size = os.fstat(f.fileno()).st_size
+    data = memoryview((line + "\n").encode("utf-8"))
+    try:
+        while data:
+            data = data[f.write(data) :]
+    except OSError as err:
+        os.ftruncate(f.fileno(), size)
+        if is_disk_full(err):
+            raise disk_full_error(f"the metrics log {path.name}", path) from err
+        raise
 
 
 def _now_ms() -> int:
@@ -268,6 +287,12 @@ def _classify(exc: BaseException) -> str:
         requests.exceptions.MissingSchema,
         requests.exceptions.InvalidSchema,
     )
+    from patchsae.trainer.checkpoint import is_disk_full
+
+    if is_disk_full(exc) or any(
+        "database or disk is full" in str(e) for e in _exception_chain(exc)
+    ):
+        return _OUTAGE  # a full disk under a local store: keep the records until space returns
     for e in _exception_chain(exc):
         if isinstance(e, (MlflowConfigError, *bad_url)):
             return _FATAL
@@ -639,16 +664,15 @@ class Tracker:
             "timestamp": _now_ms(),
             "metrics": {str(k): float(v) for k, v in metrics.items()},
         }
-        line = json.dumps(record) + "\n"
+        line = json.dumps(record)
         ops = [
             {**record, "op": "metrics", "metrics": chunk}
             for chunk in _chunks(record["metrics"], MAX_METRICS_PER_BATCH)
         ]
         with self._cond:  # one critical section: the file and the queue never disagree
             self._check_open()
-            self._metrics_file.write(line)
-            self._metrics_file.flush()
-            self._enqueue_locked(ops)
+            self._enqueue_locked(ops)  # first: MLflow may still get what the disk cannot hold
+            _append_line(self._metrics_file, line, self.run_dir / METRICS_FILE)
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file. It is read when the upload happens, so keep it until :meth:`close`."""
@@ -751,20 +775,39 @@ class Tracker:
         return not self._ops or self._disabled or self._worker_done
 
     def _save_unsent(self, pending: list[Op], run_id: str | None, reason: str) -> None:
+        """Append the unsent records to the run directory's ``mlflow_unsent.jsonl``; where that
+        disk is full, to the system's temp folder; say where (or that neither had room)."""
         if pending[0]["op"] != "start_run":
             # Make the segment self-contained: it continues the run this tracker created.
             pending.insert(0, {**self._start_op, "run_id": run_id or self._start_op["run_id"]})
-        path = self.run_dir / UNSENT_FILE
-        with path.open("a", encoding="utf-8") as f:  # append: never clobber an earlier segment
-            for op in pending:
-                f.write(json.dumps(op) + "\n")
+        text = "".join(json.dumps(op) + "\n" for op in pending)
+        count, why = _count_records(pending), reason[0].upper() + reason[1:]
+        fallback = Path(tempfile.gettempdir()) / f"{UNSENT_FILE}.{self._token}"
+        for path in (self.run_dir / UNSENT_FILE, fallback):
+            try:  # append (never clobber an earlier segment), all of it or nothing
+                with _open_for_append(path) as f:
+                    _append_line(f, text[:-1], path)
+                break
+            except OSError as err:
+                log.warning("could not save unsent MLflow records to %s: %s", path, err)
+                if path.is_file() and not path.stat().st_size:
+                    path.unlink()  # created by this attempt: an empty file would mislead
+        else:
+            log.error(
+                "%s: %d MLflow records could not be saved anywhere (no space in %s or %s); "
+                "every metric logged before the disk filled is in %s",
+                why, count, self.run_dir, fallback.parent, self.run_dir / METRICS_FILE,
+            )  # fmt: skip
+            return
+        move = f"move it to {self.run_dir / UNSENT_FILE} and " if path == fallback else ""
         log.warning(
             "%s: saved %d unsent MLflow records to %s (all metrics are also in %s). "
-            "Send them later with: %s %s",
-            reason[0].upper() + reason[1:],
-            _count_records(pending),
+            "Send them later: %s%s %s",
+            why,
+            count,
             path,
             self.run_dir / METRICS_FILE,
+            move,
             SYNC_COMMAND,
             self.run_dir,
         )
