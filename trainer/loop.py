@@ -11,6 +11,7 @@ import math
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -373,47 +374,69 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> Path | None:
-        """Write a checkpoint (a collective). Any rank's failure removes the temp folder and
-        raises on every rank; a full disk raises ``DiskFullError`` naming what and where."""
+        """Write a checkpoint (a collective): each rank its files into ``step_X.tmp``, every
+        rank hashes its share of them for the manifest, rank 0 renames the folder into place.
+        A failure on any rank removes the temp folder and raises on every rank; a full disk
+        raises ``DiskFullError`` naming what and where. Returns the checkpoint on rank 0."""
         tmp = checkpoint.step_dir(self.run_dir, self.step).with_suffix(".tmp")
+        main = self.dist.is_main
+        self._collectively(tmp, lambda: checkpoint.begin(self.run_dir, self.step) if main else None)
+        self._collectively(tmp, lambda: self._write_files(tmp))
+        digests = self._collectively(tmp, lambda: self._digest_share(tmp))
+        parts = self.dist.all_gather_object(digests)
+        merged = {name: d for part in parts for name, d in part.items()}
+        keep = self.cfg.train.keep_checkpoints
+
+        def seal() -> Path | None:
+            if not main:
+                return None
+            checkpoint.write_manifest(tmp, merged)
+            return checkpoint.commit(tmp, keep=keep)
+
+        final = self._collectively(tmp, seal)
+        self.dist.barrier()
+        return final
+
+    def _collectively(self, tmp: Path, work: Callable[[], Any]) -> Any:
+        """``work()`` on every rank; where it fails on any rank, remove ``tmp`` and raise on
+        all of them (the failing rank's own error, a full disk named as such)."""
         error: BaseException | None = None
+        result = None
         try:
-            if self.dist.is_main:
-                checkpoint.begin(self.run_dir, self.step)
-            self.dist.barrier()
-            checkpoint.save_stream(tmp, self.dist.rank, self.stream.state_dict())
-            self.engine.save_shards(tmp)
-            tensors = self.engine.full_tensors()
-            if self.dist.is_main:
-                checkpoint.save_state(
-                    tmp, tensors=tensors, cfg_json=self.cfg_json(), state=self._state()
-                )
+            result = work()
         except Exception as err:
             error = err
         failed = torch.tensor([float(error is not None)], device=self.dist.device)
-        if self.dist.all_reduce_max(failed).item():
-            if self.dist.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if error is None:
-                raise RuntimeError(f"checkpoint {tmp.name}: another rank failed to write it")
-            if checkpoint.is_disk_full(error, tmp.parent):
-                raise checkpoint.disk_full_error(
-                    f"checkpoint {tmp.with_suffix('').name}", tmp
-                ) from error
-            raise error
-        self.dist.barrier()
-        digests = checkpoint.digest_files(tmp, self.dist.rank, self.dist.world_size)
-        parts = self.dist.all_gather_object(digests)
-        final = None
+        if not self.dist.all_reduce_max(failed).item():
+            return result
         if self.dist.is_main:
-            try:
-                checkpoint.write_manifest(tmp, {k: v for part in parts for k, v in part.items()})
-                final = checkpoint.commit(tmp, keep=self.cfg.train.keep_checkpoints)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        self.dist.barrier()
-        return final
+            shutil.rmtree(tmp, ignore_errors=True)
+        name = tmp.with_suffix("").name
+        if error is None:
+            raise RuntimeError(f"checkpoint {name}: another rank failed to write it (see its log)")
+        if checkpoint.is_disk_full(error, tmp.parent):
+            raise checkpoint.disk_full_error(f"checkpoint {name}", tmp) from error
+        raise error
+
+    def _write_files(self, tmp: Path) -> None:
+        checkpoint.save_stream(tmp, self.dist.rank, self.stream.state_dict())
+        self.engine.save_shards(tmp)
+        tensors = self.engine.full_tensors()  # a collective under ZeRO-3
+        if self.dist.is_main:
+            checkpoint.save_state(
+                tmp, tensors=tensors, cfg_json=self.cfg_json(), state=self._state()
+            )
+
+    def _digest_share(self, tmp: Path) -> dict[str, dict[str, Any]]:
+        missing = [
+            r for r in range(self.dist.world_size) if not (tmp / f"stream_rank{r}.pt").exists()
+        ]
+        if missing:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {tmp}: rank {self.dist.rank} cannot see the files of ranks "
+                f"{missing}; train.out_dir must be on a filesystem that every node sees"
+            )
+        return checkpoint.digest_files(tmp, self.dist.rank, self.dist.world_size)
 
     # -- the loop ----------------------------------------------------------------------------
 
