@@ -52,6 +52,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="global tokens per step")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--l1", type=float, default=0.02)
+    parser.add_argument(
+        "--nan-step", type=int, default=-1, help="put a NaN into this step's last token"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -82,11 +85,17 @@ def main() -> None:
         local_tokens=local,
     )  # fmt: skip
     stats = LatentStats(args.latents, window_tokens=4 * args.batch, device="cpu")
-    record: dict[str, list] = {"loss": [], "mse": [], "aux": [], "ghost": [], "dead": []}
+    record: dict[str, list] = {
+        "loss": [], "mse": [], "aux": [], "ghost": [], "dead": [], "skipped": []
+    }  # fmt: skip
     for step in range(args.steps):
-        x = global_batch(step, args.batch, args.width)[env.rank * local : (env.rank + 1) * local]
+        x = global_batch(step, args.batch, args.width)
+        if step == args.nan_step:  # the last token: on the last rank only
+            x[-1, 0] = float("nan")
+        x = x[env.rank * local : (env.rank + 1) * local]
         record["ghost"].append(int(stats.ghost_mask(sae_cfg.ghost_window_steps).sum()))
-        out, _ = train_step(engine, stats, env, sae_cfg, args.batch, x)
+        out, skipped = train_step(engine, stats, env, sae_cfg, args.batch, x)
+        record["skipped"].append(bool(skipped))
         terms = torch.stack([out.loss, out.mse, out.aux]).detach()
         env.all_reduce_sum(terms)
         terms /= env.world_size

@@ -128,6 +128,31 @@ def test_zero3_keeps_the_paper_loss_options(tmp_path):
     assert zero["ghost"] == ref["ghost"]
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(tmp_path, strategy):
+    """A NaN in rank 1's share of step 6: every rank skips that step (the loss check rides on
+    the all-reduce of the firing counts), and training goes on as one process does with the
+    same NaN batch."""
+    args = ["--steps", "12", "--nan-step", "6"]
+    ref = _harness(tmp_path / "single", *args)
+    if strategy == "ddp":
+        extra = ["--strategy", "ddp"]
+    else:
+        extra = ["--strategy", "deepspeed", "--stage", strategy[-1]]
+    got = _harness(tmp_path / strategy, *args, *extra, nproc=2)
+    want = [step == 6 for step in range(12)]
+    assert ref["skipped"] == want and got["skipped"] == want
+    a, b = torch.tensor(ref["loss"]), torch.tensor(got["loss"])
+    finite = torch.isfinite(a)
+    assert (
+        finite.tolist() == [not s for s in want] and torch.isfinite(b).tolist() == finite.tolist()
+    )
+    assert ((a - b).abs() / a.abs())[finite].max().item() < 1e-4
+    for name, tensor in got["tensors"].items():
+        assert torch.isfinite(tensor).all(), name
+        assert torch.allclose(tensor, ref["tensors"][name], atol=1e-2), name
+
+
 def test_deepspeed_config_is_generated_from_ours_and_merged_with_the_override(tmp_path):
     override = tmp_path / "ds.yaml"
     override.write_text("zero_optimization:\n  overlap_comm: true\n  sub_group_size: 1000\n")
