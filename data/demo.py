@@ -5,9 +5,22 @@ Each image shows one coloured, textured shape on a random background. A class is
 a sparse autoencoder trained on CLIP activations of these images has some real structure to
 find (shape features, colour features, texture features) without downloading anything.
 
+Two splits (``split``):
+
+- ``classes``: every image is one of the 8 classes, labels balanced (SAE training, the
+  analyses, zero-shot evaluation; another seed gives a held-out set).
+- ``attributes``: shape, colour and texture drawn independently (8 x 8 x 4 combinations), so
+  that a CLIP trained on the captions learns attributes rather than 8 fixed triples. ``.cls`` is
+  the class index where the triple is one of the classes, else -1.
+
 Layout of ``out``::
 
-    shard-000000.tar   samples {key}.png, {key}.cls, {key}.json (keys "000000", "000001", ...)
+    shard-000000.tar   samples (keys "000000", "000001", ...):
+                         {key}.png       the RGB image
+                         {key}.cls       the label (see above)
+                         {key}.json      attributes, position, scale, rotation, background
+                         {key}.txt       a caption, "a red striped circle on a cloudy background"
+                         {key}.mask.png  the object's true segmentation mask (L, 0 or 255)
     shard-000001.tar
     ...
     classes.json       list of class names; index = label. Written last: its presence means
@@ -58,6 +71,12 @@ CLASSES: tuple[DemoClass, ...] = (
     DemoClass("cross", "cyan", "solid"),
     DemoClass("pentagon", "pink", "checkered"),
 )
+
+SHAPES: tuple[str, ...] = tuple(c.shape for c in CLASSES)
+TEXTURES: tuple[str, ...] = ("striped", "dotted", "solid", "checkered")
+SPLITS = ("classes", "attributes")
+BACKGROUND_WORDS = {"plain": "plain", "gradient": "gradient", "clouds": "cloudy"}
+"""How a caption names each background kind."""
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -166,9 +185,17 @@ def _texture(
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def _draw_sample(rng: np.random.Generator, label: int, size: int) -> tuple[np.ndarray, dict]:
-    """Draw one image of class ``label``; returns (uint8 [size, size, 3], metadata)."""
-    cls = CLASSES[label]
+def caption(meta: dict) -> str:
+    """The caption of a sample, from its metadata."""
+    background = BACKGROUND_WORDS[meta["background"]]
+    return f"a {meta['colour']} {meta['texture']} {meta['shape']} on a {background} background"
+
+
+def _draw_sample(
+    rng: np.random.Generator, cls: DemoClass, label: int, size: int
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Draw one image of ``cls``; returns (uint8 RGB [size, size, 3], uint8 mask [size, size]
+    with 255 on the object, metadata)."""
     bg_kind, image = _background(rng, size)
 
     scale = float(rng.uniform(0.22, 0.38))  # shape radius as a fraction of the image side
@@ -203,7 +230,7 @@ def _draw_sample(rng: np.random.Generator, label: int, size: int) -> tuple[np.nd
 
     meta = {
         "label": label,
-        "class": cls.name,
+        "class": cls.name if label >= 0 else None,
         "shape": cls.shape,
         "colour": cls.colour,
         "texture": cls.texture,
@@ -212,13 +239,25 @@ def _draw_sample(rng: np.random.Generator, label: int, size: int) -> tuple[np.nd
         "rotation": round(angle, 4),
         "background": bg_kind,
     }
-    return pixels, meta
+    return pixels, np.asarray(mask_img, dtype=np.uint8), meta
 
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L").save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _attributes(rng: np.random.Generator, split: str, label: int) -> tuple[DemoClass, int]:
+    """The (shape, colour, texture) of the next image and its label."""
+    if split == "classes":
+        return CLASSES[label], label
+    cls = DemoClass(
+        SHAPES[int(rng.integers(len(SHAPES)))],
+        tuple(COLOURS)[int(rng.integers(len(COLOURS)))],
+        TEXTURES[int(rng.integers(len(TEXTURES)))],
+    )
+    return cls, CLASSES.index(cls) if cls in CLASSES else -1
 
 
 def make_demo_data(
@@ -227,11 +266,13 @@ def make_demo_data(
     image_size: int = 64,
     images_per_shard: int = 250,
     seed: int = 0,
+    split: str = "classes",
 ) -> Path:
     """Write the demo dataset to ``out`` and return ``out`` as a Path.
 
-    Labels are balanced exactly (``n_images // len(CLASSES)`` per class, the remainder spread
-    over the first classes) and shuffled. Shards are written to ``*.tar.tmp`` and renamed into
+    ``split="classes"``: labels are balanced exactly (``n_images // len(CLASSES)`` per class,
+    the remainder spread over the first classes) and shuffled. ``split="attributes"``: every
+    attribute drawn independently and uniformly (see the module docstring). Shards are written to ``*.tar.tmp`` and renamed into
     place, ``classes.json`` is removed first and written last, and shards left over from an
     earlier, larger run (``shard-NNNNNN.tar`` beyond the new count) are deleted, so a reader
     never mixes two generations.
@@ -241,6 +282,8 @@ def make_demo_data(
             "make_demo_data needs n_images >= 1, image_size >= 8 and images_per_shard >= 1; got "
             f"n_images={n_images}, image_size={image_size}, images_per_shard={images_per_shard}"
         )
+    if split not in SPLITS:
+        raise ValueError(f"unknown demo split {split!r}; use one of {list(SPLITS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes_path = out / "classes.json"
@@ -258,14 +301,16 @@ def make_demo_data(
             writer = wds.TarWriter(f, encoder=False, mtime=_TAR_MTIME)
             start = shard * images_per_shard
             for index in range(start, min(start + images_per_shard, n_images)):
-                label = int(labels[index])
-                pixels, meta = _draw_sample(rng, label, image_size)
+                cls, label = _attributes(rng, split, int(labels[index]))
+                pixels, mask, meta = _draw_sample(rng, cls, label, image_size)
                 writer.write(
                     {
                         "__key__": f"{index:06d}",
                         "png": _png_bytes(pixels),
                         "cls": str(label).encode(),
                         "json": json.dumps(meta, sort_keys=True).encode(),
+                        "txt": caption(meta).encode(),
+                        "mask.png": _png_bytes(mask),
                     }
                 )
             writer.close()

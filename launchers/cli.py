@@ -44,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
 def _make_demo_data(args: argparse.Namespace) -> int:
     from patchsae.data.demo import make_demo_data
 
-    out = make_demo_data(args.out, n_images=args.n_images, seed=args.seed)
+    out = make_demo_data(args.out, n_images=args.n_images, seed=args.seed, split=args.split)
     print(f"demo shards written to {out}")
     return 0
 
@@ -85,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n-images", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--split",
+        choices=("classes", "attributes"),
+        default="classes",
+        help="classes: the 8 labelled classes, balanced; attributes: shape, colour and texture "
+        "drawn independently (captioned images for training the demo CLIP)",
+    )
     p.set_defaults(func=_make_demo_data)
 
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from patchsae.data.demo import CLASSES, make_demo_data
+from patchsae.data.demo import CLASSES, COLOURS, SHAPES, TEXTURES, make_demo_data
 from PIL import Image
 
 N_IMAGES, SIZE, PER_SHARD = 96, 32, 20
@@ -42,7 +42,7 @@ def test_layout(demo: Path) -> None:
     assert names == ["classes.json"] + [f"shard-{i:06d}.tar" for i in range(n_shards)]
     samples = read_samples(demo)
     assert sorted(samples) == [f"{i:06d}" for i in range(N_IMAGES)]
-    assert all(set(s) == {"png", "cls", "json"} for s in samples.values())
+    assert all(set(s) == {"png", "cls", "json", "txt", "mask.png"} for s in samples.values())
 
 
 def test_same_seed_same_bytes_other_seed_differs(demo: Path, tmp_path: Path) -> None:
@@ -121,3 +121,49 @@ def test_rewrite_is_atomic_and_drops_stale_shards(tmp_path: Path) -> None:
 def test_rejects_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n_images"):
         make_demo_data(tmp_path, n_images=0)
+
+
+def test_captions_name_the_attributes_and_the_background(demo: Path) -> None:
+    words = {"plain": "plain", "gradient": "gradient", "clouds": "cloudy"}
+    for sample in read_samples(demo).values():
+        meta = json.loads(sample["json"])
+        want = f"a {meta['class']} on a {words[meta['background']]} background"
+        assert sample["txt"].decode() == want
+
+
+def test_masks_cover_the_object(demo: Path) -> None:
+    """The mask is binary, as large as the drawn shape, centred on it, and the image differs
+    from its background across the mask's edge."""
+    for sample in read_samples(demo).values():
+        meta = json.loads(sample["json"])
+        mask = np.asarray(Image.open(io.BytesIO(sample["mask.png"])))
+        assert mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0, 255}
+        on = mask == 255
+        radius = meta["scale"] * SIZE
+        assert 0.2 * radius**2 < on.sum() < 4.0 * radius**2
+        ys, xs = np.nonzero(on)
+        centre = np.array([xs.mean(), ys.mean()]) / SIZE
+        assert np.abs(centre - np.array(meta["position"])).max() < 0.12
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float64)
+        inside, outside = pixels[on].mean(axis=0), pixels[~on].mean(axis=0)
+        assert np.linalg.norm(inside - outside) > 10
+
+
+def test_attribute_split_varies_attributes_independently(tmp_path: Path) -> None:
+    out = make_demo_data(tmp_path / "a", n_images=400, image_size=16, seed=3, split="attributes")
+    metas = [json.loads(s["json"]) for s in read_samples(out).values()]
+    assert {m["shape"] for m in metas} == set(SHAPES)
+    assert {m["colour"] for m in metas} == set(COLOURS)
+    assert {m["texture"] for m in metas} == set(TEXTURES)
+    triples = Counter((m["shape"], m["colour"], m["texture"]) for m in metas)
+    assert len(triples) > 150  # of 256: far beyond the 8 class triples
+    names = [c.name for c in CLASSES]
+    for sample in read_samples(out).values():
+        meta, label = json.loads(sample["json"]), int(sample["cls"])
+        name = f"{meta['colour']} {meta['texture']} {meta['shape']}"
+        assert label == (names.index(name) if name in names else -1) == meta["label"]
+    again = make_demo_data(tmp_path / "b", n_images=400, image_size=16, seed=3, split="attributes")
+    for shard in sorted(out.glob("shard-*.tar")):
+        assert (again / shard.name).read_bytes() == shard.read_bytes()
+    with pytest.raises(ValueError, match="unknown demo split 'shapes'"):
+        make_demo_data(tmp_path / "c", n_images=8, split="shapes")

@@ -206,10 +206,10 @@ def test_batch_without_any_good_sample(tmp_path: Path) -> None:
     assert [b["keys"] for b in batches] == [["good0", "good1"], ["good2"]]
 
 
-def truncate_inside_member(shard: Path, member_index: int) -> None:
-    """Cut ``shard`` in the middle of the data of its ``member_index``-th member."""
+def truncate_inside_member(shard: Path, name: str) -> None:
+    """Cut ``shard`` in the middle of the data of its member ``name``."""
     with tarfile.open(shard) as tar:
-        member = tar.getmembers()[member_index]
+        member = tar.getmember(name)
     with open(shard, "r+b") as f:
         f.truncate(member.offset_data + member.size // 2)
 
@@ -219,7 +219,7 @@ def damaged_dir(demo_dir: Path, tmp_path: Path) -> Path:
     """The demo shards with shard 2 cut inside the png of its 8th sample."""
     out = tmp_path / "damaged"
     shutil.copytree(demo_dir, out)
-    truncate_inside_member(out / "shard-000002.tar", member_index=3 * 7 + 2)
+    truncate_inside_member(out / "shard-000002.tar", "000047.png")
     return out
 
 
