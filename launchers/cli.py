@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -46,6 +47,25 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 
     out = make_demo_data(args.out, n_images=args.n_images, seed=args.seed, split=args.split)
     print(f"demo shards written to {out}")
+    return 0
+
+
+def _make_demo_clip(args: argparse.Namespace) -> int:
+    from patchsae.data.demo_clip import DemoClipConfig, train_demo_clip
+
+    cfg = DemoClipConfig(seed=args.seed)
+    if args.steps is not None:
+        cfg = dataclasses.replace(cfg, steps=args.steps)
+    record = train_demo_clip(args.data, args.out, heldout=args.heldout, cfg=cfg)
+    accuracy = record.get("zeroshot_accuracy")
+    print(
+        f"demo CLIP written to {args.out} in {record['train_seconds']:.0f} s"
+        + (
+            f"; zero-shot accuracy on {args.heldout}: {accuracy:.1%}"
+            if accuracy is not None
+            else ""
+        )
+    )
     return 0
 
 
@@ -93,6 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
         "drawn independently (captioned images for training the demo CLIP)",
     )
     p.set_defaults(func=_make_demo_data)
+
+    p = sub.add_parser(
+        "make-demo-clip", help="train the demo CLIP on captioned demo images (make-demo-data)"
+    )
+    p.add_argument("--data", required=True, help="shards of the attributes split (captioned)")
+    p.add_argument("--out", required=True, help="output folder (demo_clip.safetensors)")
+    p.add_argument("--heldout", default=None, help="a classes split to report zero-shot accuracy")
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: DemoClipConfig.steps)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_demo_clip)
 
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
     p.add_argument("run_dir")
