@@ -79,6 +79,13 @@ class TokenStream:
         self.images_seen += len(batch["pixels"])
         return self.source(batch["pixels"])
 
+    def close(self) -> None:
+        """Stop the DataLoader workers now (not whenever the iterator is collected): a process
+        that leaves with ``os._exit`` must not leave them behind."""
+        if self._batches is not None:
+            self._batches.close()  # GeneratorExit through the loader's iterator: workers joined
+        self._batches = self._ordered = None
+
     def next_batch(self, n: int) -> Tensor:
         """``[n, D]`` float32 tokens on the activation source's device."""
         start = time.perf_counter()

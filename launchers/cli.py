@@ -53,6 +53,8 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 def _make_demo_clip(args: argparse.Namespace) -> int:
     from patchsae.data.demo_clip import DemoClipConfig, train_demo_clip
 
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("patchsae").setLevel(logging.INFO)  # progress, without open_clip's chatter
     cfg = DemoClipConfig(seed=args.seed)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
@@ -120,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shards of the attributes split (captioned)")
     p.add_argument("--out", required=True, help="output folder (demo_clip.safetensors)")
     p.add_argument("--heldout", default=None, help="a classes split to report zero-shot accuracy")
-    p.add_argument("--steps", type=int, default=None, help="optimiser steps (default: DemoClipConfig.steps)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimiser steps (default: DemoClipConfig.steps)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_demo_clip)
 
@@ -143,5 +147,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED if isinstance(err, TrainingDiverged) else 2
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The console script and ``python -m`` entry: ``main``, then the exit. A process that used a
+    process group (torchrun, DeepSpeed) leaves without finalising the interpreter, where gloo's
+    threads can abort it (see ``trainer.distributed.exit_process``)."""
+    code = main(argv)
+    from patchsae.trainer.distributed import exit_process, used_process_group
+
+    if used_process_group():
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

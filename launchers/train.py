@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from patchsae.launchers.cli import main
+from patchsae.launchers.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    run(["train", *sys.argv[1:]])

@@ -20,7 +20,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from patchsae.trainer.config import DistributedConfig, SAEConfig
-from patchsae.trainer.distributed import AdamSchedule, Distributed
+from patchsae.trainer.distributed import (
+    AdamSchedule,
+    Distributed,
+    exit_process,
+    used_process_group,
+)
 from patchsae.trainer.loop import train_step
 from patchsae.trainer.metrics import LatentStats
 from patchsae.trainer.sae import SparseAutoencoder
@@ -114,6 +119,8 @@ def main() -> None:
     if dist.is_initialized():
         dist.barrier()
     env.close()
+    if used_process_group():
+        exit_process(0)  # as the trainer's entry point does: no finalisation after gloo
 
 
 if __name__ == "__main__":

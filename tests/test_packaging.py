@@ -36,7 +36,7 @@ def test_wheel_holds_only_the_patchsae_package(tmp_path):
     assert "patchsae/launchers/train.py" in names
     assert not any(n.endswith((".so", ".o", ".pyc")) for n in names)
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt")))
-    assert "patchsae = patchsae.launchers.cli:main" in entry.decode()
+    assert "patchsae = patchsae.launchers.cli:run" in entry.decode()
 
 
 def test_no_build_outputs_are_tracked():

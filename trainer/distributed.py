@@ -24,10 +24,11 @@ import hashlib
 import logging
 import os
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -151,6 +152,7 @@ class Distributed:
             backend = cfg.backend
             if backend == "auto":
                 backend = "nccl" if torch_device.type == "cuda" else "gloo"
+            _GROUP_USED[0] = True
             dist.init_process_group(
                 backend,
                 rank=rank,
@@ -209,6 +211,37 @@ class Distributed:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process that has used a process group, skipping the interpreter's finalisation.
+
+    Gloo's worker threads release a finished collective only after the caller has seen it
+    complete. A collective whose tensors were created in Python (``all_gather_object``'s, a
+    barrier that still holds the collectives before it) then decrefs them, which takes the GIL.
+    When the main thread has meanwhile begun finalising the interpreter, Python ends that
+    thread inside a C++ destructor and the process aborts (SIGABRT, "terminate called without
+    an active exception") after all its work is done, so torchrun reports a failed rank. Seen
+    about once in 40 two-rank runs on a loaded machine (core dump: ``~AsyncBarrierWork`` ->
+    ``~AsyncAllgatherWork`` -> ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit``).
+    ``destroy_process_group`` does not join gloo's threads (torch 2.14), so the only way around
+    is not to finalise: flush what Python buffers, then ``os._exit``.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def used_process_group() -> bool:
+    """Whether this process has initialised a process group (destroyed or not)."""
+    return _GROUP_USED[0]
+
+
+_GROUP_USED = [False]
 
 
 def _tensor_bytes(tensors: Any) -> int:
