@@ -125,6 +125,7 @@ def sae_rate(d: int, f: int, batch: int, device: str, steps: int = 5) -> float:
 def end_to_end(s: Setting, shards_dir: Path, out: Path, device: str, workers: int) -> dict:
     overrides = [
         f"model.name={s.model}",
+        "model.pretrained=null",  # throughput does not depend on the weights
         f"data.urls={shards_dir}",
         f"data.num_workers={workers}",
         f"data.images_per_batch={s.clip_batch}",

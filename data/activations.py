@@ -16,6 +16,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "patchsae-demo-vit"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
 
@@ -70,6 +71,13 @@ def check_weights(name: str, pretrained: str | None) -> None:
     vision_config(name)
     if pretrained is None or Path(pretrained).is_file():
         return
+    if "/" in pretrained or pretrained.endswith(WEIGHT_SUFFIXES):
+        demo = " (the demo CLIP: `make train` or `patchsae make-demo-clip` trains it)"
+        raise ModelError(
+            f"model.pretrained {pretrained!r}: the checkpoint file {pretrained} does not exist"
+            + (demo if name == DEMO_MODEL else "")
+            + "; fix the path, or use null for random weights"
+        )
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise ModelError(

@@ -45,7 +45,7 @@ PROMPTS = tuple(f"a {{}} on a {word} background" for word in BACKGROUND_WORDS.va
 
 @dataclass(frozen=True)
 class DemoClipConfig:
-    steps: int = 600
+    steps: int = 200
     """Optimiser steps (batches)."""
     batch_size: int = 128
     lr: float = 2e-3
@@ -96,6 +96,41 @@ def _lr(step: int, cfg: DemoClipConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def _fit(model: Any, images: Tensor, tokens: Tensor, cfg: DemoClipConfig) -> list[float]:
+    """Contrastive training on random batches of (image, caption) pairs; the loss per step."""
+    import open_clip
+
+    def decays(name: str, p: Tensor) -> bool:  # matrices decay; biases, norms, embeddings not
+        return p.ndim >= 2 and "embedding" not in name
+
+    params = list(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in params if decays(n, p)], "weight_decay": cfg.weight_decay},
+            {"params": [p for n, p in params if not decays(n, p)], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    loss_fn, gen, losses = open_clip.ClipLoss(), torch.Generator().manual_seed(cfg.seed), []
+    model.train()
+    for step in range(cfg.steps):
+        index = torch.randint(len(images), (cfg.batch_size,), generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg)
+        img = F.normalize(model.encode_image(_normalise(images[index], model)), dim=-1)
+        txt = F.normalize(model.encode_text(tokens[index]), dim=-1)
+        loss = loss_fn(img, txt, model.logit_scale.exp())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():  # CLIP's cap on the temperature
+            model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
+        if (step + 1) % 50 == 0:
+            log.info("demo CLIP step %d/%d: loss %.3f", step + 1, cfg.steps, np.mean(losses[-50:]))
+    return losses
+
+
 @torch.no_grad()
 def class_text_features(model: Any, tokenizer: Any, names: list[str]) -> Tensor:
     """``[C, E]`` zero-shot classifier: each prompt's text features normalised, averaged over
@@ -142,45 +177,10 @@ def train_demo_clip(
     try:
         images, captions, _ = _read_split(data)
         tokenizer = open_clip.get_tokenizer(DEMO_MODEL)
-        tokens = tokenizer(captions)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             model = open_clip.create_model(DEMO_MODEL)
-            gen = torch.Generator().manual_seed(cfg.seed)
-            decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-            rest = [
-                p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)
-            ]
-            opt = torch.optim.AdamW(
-                [
-                    {"params": decay, "weight_decay": cfg.weight_decay},
-                    {"params": rest, "weight_decay": 0.0},
-                ],
-                lr=cfg.lr,
-            )
-            loss_fn = open_clip.ClipLoss()
-            model.train()
-            losses = []
-            for step in range(cfg.steps):
-                index = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-                for group in opt.param_groups:
-                    group["lr"] = _lr(step, cfg)
-                img = F.normalize(model.encode_image(_normalise(images[index], model)), dim=-1)
-                txt = F.normalize(model.encode_text(tokens[index]), dim=-1)
-                loss = loss_fn(img, txt, model.logit_scale.exp())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-                losses.append(float(loss.detach()))
-                if (step + 1) % 100 == 0:
-                    log.info(
-                        "demo CLIP step %d/%d: loss %.3f",
-                        step + 1,
-                        cfg.steps,
-                        np.mean(losses[-100:]),
-                    )
+            losses = _fit(model, images, tokenizer(captions), cfg)
         record: dict[str, Any] = {
             "model": DEMO_MODEL,
             "data": str(data),

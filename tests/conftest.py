@@ -25,3 +25,17 @@ def demo_shards(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("demo-data")
     make_demo_data(out, n_images=240, image_size=64, images_per_shard=40, seed=1)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_clip(tmp_path_factory: pytest.TempPathFactory):
+    """The demo CLIP trained as `make train` trains it (the Makefile's data sizes and seeds), once
+    per session: ``(weights file, training record)``."""
+    from patchsae.data.demo import make_demo_data
+    from patchsae.data.demo_clip import WEIGHTS, train_demo_clip
+
+    root = tmp_path_factory.mktemp("demo-clip")
+    attributes = make_demo_data(root / "clip-data", n_images=4000, seed=1, split="attributes")
+    heldout = make_demo_data(root / "heldout", n_images=400, seed=2)
+    record = train_demo_clip(attributes, root / "clip", heldout=heldout)
+    return root / "clip" / WEIGHTS, record

@@ -22,10 +22,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 def small_overrides(shards: Path, out_dir: Path, **extra: object) -> list[str]:
     """A short demo run on the session's small shards: 8 steps of 1,024 tokens."""
     values: dict[str, object] = {
+        "model.pretrained": None,  # random CLIP weights: these runs test the machinery
         "data.urls": shards,
         "data.num_workers": 1,
         "data.images_per_batch": 16,
         "data.mix_buffer_tokens": 4096,
+        "sae.expansion": 8,  # 128 -> 1,024 latents, narrower than the demo recipe's
         "sae.init_sample_tokens": 1024,
         "train.batch_tokens": 1024,
         "train.total_tokens": 8 * 1024,

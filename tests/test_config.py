@@ -5,14 +5,21 @@ from __future__ import annotations
 import subprocess
 
 import pytest
+import yaml
 from patchsae.trainer.config import ConfigError, load_config
 
 from tests.helpers import ROOT, run_cli, train_cmd
 
 
-def test_recipes_load_and_resolve():
-    demo = load_config(ROOT / "configs/demo.yaml")
-    assert demo.model.name == "patchsae-demo-vit" and demo.model.pretrained is None
+def test_recipes_load_and_resolve(tmp_path):
+    # The demo recipe names the demo CLIP that `make train` trains; a missing file says how.
+    raw = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+    assert raw["model"]["pretrained"] == "runs/demo-clip/demo_clip.safetensors"
+    missing = tmp_path / "demo_clip.safetensors"
+    with pytest.raises(ConfigError, match=rf"{missing} does not exist.*patchsae make-demo-clip"):
+        load_config(ROOT / "configs/demo.yaml", [f"model.pretrained={missing}"])
+    demo = load_config(ROOT / "configs/demo.yaml", ["model.pretrained=null"])
+    assert demo.model.name == "patchsae-demo-vit"
     paper = load_config(ROOT / "configs/vit_b16_imagenet.yaml")
     assert (paper.model.name, paper.model.pretrained, paper.model.layer) == (
         "ViT-B-16",
@@ -25,7 +32,10 @@ def test_recipes_load_and_resolve():
 
 
 def test_overrides_are_parsed_as_yaml():
-    cfg = load_config(ROOT / "configs/demo.yaml", ["train.lr=3e-3", "sae.ghost_grads=false"])
+    cfg = load_config(
+        ROOT / "configs/demo.yaml",
+        ["train.lr=3e-3", "sae.ghost_grads=false", "model.pretrained=null"],
+    )
     assert cfg.train.lr == 3e-3 and cfg.sae.ghost_grads is False
 
 
@@ -82,8 +92,9 @@ def test_zero_latents_via_n_latents():
 
 
 def _cli(*overrides: str, resume: bool = False) -> subprocess.CompletedProcess:
-    """The training CLI on the demo recipe; these runs must stop before reading any data."""
-    return run_cli(train_cmd(list(overrides), resume=resume), timeout=120)
+    """The training CLI on the demo recipe (random CLIP weights); these runs must stop before
+    reading any data."""
+    return run_cli(train_cmd(["model.pretrained=null", *overrides], resume=resume), timeout=120)
 
 
 def test_cli_config_error_exits_before_reading_data(tmp_path):

@@ -575,6 +575,7 @@ class Trainer:
             raise
         finally:
             self.tracker.close(status="RUNNING" if interrupted else status)
+            self.stream.close()
             self.dist.close()
             self.stop.restore()
         return {"step": self.step, "interrupted": interrupted, "metrics": metrics}
