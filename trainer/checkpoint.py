@@ -60,12 +60,19 @@ class DiskFullError(OSError):
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _chain(err: BaseException) -> Iterator[BaseException]:
+_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "database or disk is full")
+"""How libraries that wrap the OS error say it: safetensors, torch, SQLite (MLflow's store)."""
+
+
+def exception_chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and the errors it was raised from (``__cause__``, or ``__context__`` for a
+    ``raise`` inside ``except``), each once."""
     seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
+    cur: BaseException | None = err
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
 
 
 def is_disk_full(err: BaseException, folder: Path | None = None) -> bool:
@@ -80,11 +87,10 @@ def is_disk_full(err: BaseException, folder: Path | None = None) -> bool:
                 return True
         except OSError:
             pass
-    for e in _chain(err):
+    for e in exception_chain(err):
         if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in _FULL_ERRNOS):
             return True
-        text = str(e)
-        if "No space left on device" in text or "Disk quota exceeded" in text:
+        if any(text in str(e) for text in _FULL_TEXTS):
             return True
     return False
 

@@ -152,7 +152,8 @@ class Distributed:
             backend = cfg.backend
             if backend == "auto":
                 backend = "nccl" if torch_device.type == "cuda" else "gloo"
-            _GROUP_USED[0] = True
+            global _group_used
+            _group_used = True
             dist.init_process_group(
                 backend,
                 rank=rank,
@@ -238,10 +239,10 @@ def exit_process(code: int) -> NoReturn:
 
 def used_process_group() -> bool:
     """Whether this process has initialised a process group (destroyed or not)."""
-    return _GROUP_USED[0]
+    return _group_used
 
 
-_GROUP_USED = [False]
+_group_used = False
 
 
 def _tensor_bytes(tensors: Any) -> int:

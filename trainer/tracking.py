@@ -64,6 +64,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
+from patchsae.trainer.checkpoint import disk_full_error, exception_chain, is_disk_full
+
 if TYPE_CHECKING:  # mlflow is imported lazily: importing it takes seconds
     from mlflow import MlflowClient
 
@@ -184,8 +186,6 @@ def _open_for_append(path: Path) -> IO[bytes]:
 def _append_line(f: IO[bytes], line: str, path: Path) -> None:
     """Append ``line`` and a newline, or nothing: a failed write (a full disk) is cut off again,
     so the file stays one record per line, and a full disk raises ``DiskFullError``."""
-    from patchsae.trainer.checkpoint import disk_full_error, is_disk_full
-
     size = os.fstat(f.fileno()).st_size
     data = memoryview((line + "\n").encode("utf-8"))
     try:
@@ -255,17 +255,6 @@ class _HttpDefaults:
 # Error classification
 
 
-def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
-    # MLflow re-raises network errors as MlflowException, keeping the original as
-    # __cause__ or (for `raise` inside `except`) __context__.
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        yield cur
-        cur = cur.__cause__ or cur.__context__
-
-
 def _classify_status(status: int) -> str:
     if status in (401, 403):
         return _FATAL  # credentials: every request will fail the same way
@@ -287,13 +276,9 @@ def _classify(exc: BaseException) -> str:
         requests.exceptions.MissingSchema,
         requests.exceptions.InvalidSchema,
     )
-    from patchsae.trainer.checkpoint import is_disk_full
-
-    if is_disk_full(exc) or any(
-        "database or disk is full" in str(e) for e in _exception_chain(exc)
-    ):
+    if is_disk_full(exc):
         return _OUTAGE  # a full disk under a local store: keep the records until space returns
-    for e in _exception_chain(exc):
+    for e in exception_chain(exc):  # MLflow wraps network errors, keeping them as the cause
         if isinstance(e, (MlflowConfigError, *bad_url)):
             return _FATAL
         if isinstance(e, requests.HTTPError) and e.response is not None:
@@ -323,7 +308,7 @@ def _describe(exc: BaseException, limit: int = 300) -> str:
 def _root_cause(exc: BaseException) -> BaseException:
     """The innermost exception of the chain: for an outage, e.g. "ConnectionRefusedError:
     [Errno 111] Connection refused" rather than MLflow's long wrapper message."""
-    return list(_exception_chain(exc))[-1]
+    return list(exception_chain(exc))[-1]
 
 
 def _uri_help(uri: str) -> str:
