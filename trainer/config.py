@@ -430,13 +430,17 @@ def check_model(model: ModelConfig) -> int:
 
     try:
         depth = model_depth(model.name)
-        check_weights(model.name, model.pretrained)
     except ModelError as err:
         raise ConfigError(f"config error at 'model': {err}") from err
+    # The architecture alone decides the range: checked before any weights file exists.
     if not -depth <= model.layer < depth:
         _fail(
             "model.layer",
             f"layer {model.layer} is out of range for {model.name} ({depth} blocks)",
             f"use {-depth}..{depth - 1}",
         )
+    try:
+        check_weights(model.name, model.pretrained)
+    except ModelError as err:
+        raise ConfigError(f"config error at 'model': {err}") from err
     return model.layer % depth
