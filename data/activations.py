@@ -173,14 +173,20 @@ class ActivationSource(nn.Module):
         return out
 
     @torch.no_grad()
-    def forward(self, pixels_B3HW: Tensor) -> Tensor:
-        """Selected tokens, flattened to ``[B * T_sel, D]`` in float32."""
+    def all_tokens(self, pixels_B3HW: Tensor) -> Tensor:
+        """``[B, T, D]`` float32 block output, every token, on the model's device (bf16
+        autocast on CUDA)."""
         device = next(self.visual.parameters()).device
         pixels_B3HW = pixels_B3HW.to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            acts_BTD = self.block_output(pixels_B3HW)
+            return self.block_output(pixels_B3HW).float()
+
+    @torch.no_grad()
+    def forward(self, pixels_B3HW: Tensor) -> Tensor:
+        """Selected tokens, flattened to ``[B * T_sel, D]`` in float32."""
+        acts_BTD = self.all_tokens(pixels_B3HW)
         if self.tokens == "cls":
             acts_BTD = acts_BTD[:, :1]
         elif self.tokens == "patches":
             acts_BTD = acts_BTD[:, 1:]
-        return acts_BTD.reshape(-1, acts_BTD.shape[-1]).float()
+        return acts_BTD.reshape(-1, acts_BTD.shape[-1])

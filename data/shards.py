@@ -170,11 +170,11 @@ class ImageShards(IterableDataset):
     """Batches of (preprocessed image, label) from tar shards; see the module docstring.
 
     Each yielded item is a dict ``{"pixels": FloatTensor[b, 3, H, W], "labels": LongTensor[b],
-    "keys": list[str], "worker": int, "index": int, "skipped": int, "done": False}`` where
+    "keys": list[str], "urls": list[str] (each sample's shard), "worker": int, "index": int, "skipped": int, "done": False}`` where
     ``index`` is the worker's batch number in this epoch (skipped-for-resume batches included)
     and ``skipped`` counts samples lost since the worker's previous item. After its last batch
     each worker yields one sentinel with ``done=True``, ``index`` = its number of batches,
-    ``pixels``/``labels`` = None, ``keys`` = [] and the remaining ``skipped`` count.
+    ``pixels``/``labels`` = None, ``keys`` = ``urls`` = [] and the remaining ``skipped`` count.
 
     Ranks and workers may end an epoch with different numbers of batches when shards differ in
     size or do not divide evenly; the consumer has to cope with that (e.g. stop all ranks when
@@ -281,7 +281,7 @@ class ImageShards(IterableDataset):
                     # Whatever was lost up to here was reported before the interruption.
                     counter.take()
                 continue
-            pixels, labels, keys = [], [], []
+            pixels, labels, keys, urls = [], [], [], []
             for sample in raw:
                 try:
                     image, label = _decode(sample)
@@ -308,6 +308,7 @@ class ImageShards(IterableDataset):
                 pixels.append(self.preprocess(image))
                 labels.append(label)
                 keys.append(sample["__key__"])
+                urls.append(sample["__url__"])
             if pixels:
                 batch = torch.stack(pixels)
                 empty = batch.new_empty((0, *batch.shape[1:]))
@@ -321,6 +322,7 @@ class ImageShards(IterableDataset):
                 "pixels": batch,
                 "labels": torch.tensor(labels, dtype=torch.long),
                 "keys": keys,
+                "urls": urls,
                 "worker": worker,
                 "index": index,
                 "skipped": counter.take(),
@@ -338,6 +340,7 @@ class ImageShards(IterableDataset):
             "pixels": None,
             "labels": None,
             "keys": [],
+            "urls": [],
             "worker": worker,
             "index": n_batches,
             "skipped": counter.take(),
@@ -531,6 +534,10 @@ class OrderedBatches:
             if not item["done"]:
                 return item
         raise StopIteration
+
+    def close(self) -> None:
+        """Drop the loader's iterator now: its finaliser stops and joins the workers."""
+        self._iterator = None
 
     def _advance(self) -> None:
         """Move ``next_worker`` to the next unfinished worker after it (there must be one)."""

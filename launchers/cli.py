@@ -11,6 +11,7 @@ from pathlib import Path
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the fix: printed without a trace."""
+    from patchsae.analysis.model import AnalysisError
     from patchsae.data.activations import ModelError
     from patchsae.data.shards import ShardError
     from patchsae.trainer.checkpoint import CheckpointError, DiskFullError
@@ -19,6 +20,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from patchsae.trainer.tracking import SyncError
 
     return (
+        AnalysisError,
         ConfigError,
         ModelError,
         ShardError,
@@ -68,6 +70,50 @@ def _make_demo_clip(args: argparse.Namespace) -> int:
             else ""
         )
     )
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from patchsae.analysis.analyze import AnalyzeOptions, analyze
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("patchsae").setLevel(logging.INFO)
+    options = AnalyzeOptions(
+        data=args.data,
+        out=args.out,
+        k=args.k,
+        tau=args.tau,
+        aggregate=args.aggregate,
+        image_tokens=args.image_tokens,
+        pretrained=args.pretrained,
+        batch_images=args.batch_images,
+        workers=args.workers,
+        save_every=args.save_every,
+        device=args.device,
+        classes=args.classes,
+        mlflow=not args.no_mlflow,
+        max_batches=args.max_batches,
+    )
+    out = analyze(args.run_dir, options)
+    if out is not None:
+        print(f"analysis written to {out}")
+    return 0
+
+
+def _masks(args: argparse.Namespace) -> int:
+    from patchsae.analysis.masks import write_masks
+
+    written = write_masks(
+        args.run_dir,
+        args.image,
+        latents=args.latents,
+        top=args.top,
+        out=args.out,
+        pretrained=args.pretrained,
+        device=args.device,
+    )
+    for path in written:
+        print(path)
     return 0
 
 
@@ -127,6 +173,55 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_demo_clip)
+
+    p = sub.add_parser(
+        "analyze",
+        help="per-latent statistics, reference images and class counts of a trained SAE",
+        description="One streaming pass of image shards through the SAE's CLIP and the SAE. "
+        "Under torchrun each rank reads its share of the shards and the results are reduced "
+        "exactly; an interrupted pass resumes from its saved state.",
+    )
+    p.add_argument("run_dir", help="a run folder with sae.safetensors + cfg.json (or a checkpoint)")
+    p.add_argument("--data", required=True, help="image shards (folder, brace pattern, file, ::)")
+    p.add_argument("--out", default=None, help="results folder (default: RUN_DIR/analysis)")
+    p.add_argument("--k", type=int, default=10, help="reference images per latent")
+    p.add_argument("--tau", type=float, default=0.2, help="activation threshold of class counts")
+    p.add_argument(
+        "--aggregate",
+        choices=("mean", "max"),
+        default="mean",
+        help="image-level activation: mean over the image's tokens (the paper) or max patch",
+    )
+    p.add_argument(
+        "--image-tokens",
+        choices=("all", "patches", "cls"),
+        default=None,
+        help="tokens of the image-level activation and the counts (default: the SAE's own "
+        "model.tokens; all = CLS + patches)",
+    )
+    p.add_argument("--pretrained", default=None, help="other CLIP weights of the same model")
+    p.add_argument("--batch-images", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank")
+    p.add_argument("--save-every", type=int, default=200, help="batches between state saves")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--classes", default=None, help="classes.json (default: beside the shards)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
+    p.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_analyze)
+
+    p = sub.add_parser(
+        "masks", help="per-patch masks of an image's top latents, overlaid on the image"
+    )
+    p.add_argument("run_dir", help="a run folder with sae.safetensors + cfg.json")
+    p.add_argument("--image", required=True, help="a PNG, JPEG or WebP file")
+    p.add_argument(
+        "--latents", type=int, nargs="+", default=None, help="these latents (default: the top)"
+    )
+    p.add_argument("--top", type=int, default=5, help="how many top latents (without --latents)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/masks)")
+    p.add_argument("--pretrained", default=None, help="other CLIP weights of the same model")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_masks)
 
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
     p.add_argument("run_dir")

@@ -1,0 +1,486 @@
+"""``patchsae analyze``: one streaming pass of image shards through the CLIP and the SAE.
+
+Each rank reads its share of the shards (``ImageShards`` splits them by rank and worker), keeps
+only sums, counts and top-K buffers (``stats.LatentStatistics``), and saves them with its read
+position every ``save_every`` batches, so an interrupted pass resumes where it stopped. At the
+end the ranks' statistics are reduced (sums added, top-K merged) and rank 0 writes the results
+into ``out`` in one rename: a folder is either complete or absent.
+
+Outputs (``out``):
+
+* ``latent_stats.safetensors``: every tensor of ``LatentStatistics.results``;
+* ``latents.parquet``: one row per latent (frequency, mean activation, entropy, top classes...);
+* ``reference_images.parquet``: one row per (latent, rank) reference image: shard, key,
+  image id, value, label, class name;
+* ``summary.json``: the dataset, the settings, image and token counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from patchsae.analysis.model import (
+    AnalysisError,
+    TrainedSAE,
+    activation_source,
+    load_trained,
+    select_tokens,
+)
+from patchsae.analysis.stats import LatentStatistics, encode, image_id
+from patchsae.data.shards import ImageShards, OrderedBatches, expand_urls
+from patchsae.trainer.checkpoint import atomic_write, torch_save
+from patchsae.trainer.config import DistributedConfig
+from patchsae.trainer.distributed import Distributed
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+PARTIAL = ".partial"
+"""Per-rank resumable state of an unfinished pass, inside ``out``'s parent."""
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    data: str
+    out: str | None = None
+    k: int = 10
+    tau: float = 0.2
+    aggregate: str = "mean"
+    image_tokens: str | None = None
+    """Tokens that make the image-level activation and the counts; None: the SAE's own
+    ``model.tokens`` (``all`` = CLS + patches, the paper's choice)."""
+    pretrained: str | None = None
+    batch_images: int = 64
+    workers: int = 2
+    save_every: int = 200
+    """Batches between saves of the resumable state (each rank)."""
+    device: str = "auto"
+    classes: str | None = None
+    """A ``classes.json`` (list of names, index = label); default: the one beside the shards."""
+    mlflow: bool = True
+    max_batches: int | None = None
+    """Stop after this many batches per rank without writing results (tests of resume)."""
+
+
+def _fingerprint(options: AnalyzeOptions, sae: TrainedSAE, urls: list[str], world: int) -> str:
+    """What must match for saved partial state to be resumed."""
+    keys = ("k", "tau", "aggregate", "image_tokens", "pretrained", "batch_images", "workers")
+    identity = {key: getattr(options, key) for key in keys}
+    identity |= {"urls": urls, "world_size": world, "sae_step": sae.cfg_json.get("step")}
+    identity["sae_digest"] = hashlib.sha256(
+        sae.tensors["W_enc"].cpu().numpy().tobytes()[: 1 << 20]
+    ).hexdigest()
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _class_names(options: AnalyzeOptions, urls: list[str]) -> list[str] | None:
+    path = Path(options.classes) if options.classes else None
+    if path is None and urls and "://" not in urls[0]:
+        candidate = Path(urls[0]).parent / "classes.json"
+        path = candidate if candidate.is_file() else None
+    if path is None:
+        return None
+    try:
+        names = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise AnalysisError(f"{path}: not a readable JSON list of class names ({err})") from err
+    if not isinstance(names, list):
+        raise AnalysisError(f"{path}: expected a JSON list of class names (index = label)")
+    return [str(n) for n in names]
+
+
+class _Pass:
+    """One rank's share of the pass: the reader, the accumulator and the resumable state."""
+
+    def __init__(
+        self,
+        options: AnalyzeOptions,
+        sae: TrainedSAE,
+        urls: list[str],
+        dist: Distributed,
+        partial: Path,
+    ) -> None:
+        self.options, self.sae, self.urls, self.dist = options, sae, urls, dist
+        self.url_index = {url: i for i, url in enumerate(urls)}
+        self.device = dist.device
+        self.source, preprocess = activation_source(
+            sae, pretrained=options.pretrained, device=self.device
+        )
+        self.tensors = sae.to(self.device).tensors
+        self.tokens = options.image_tokens or sae.model.tokens
+        self.shards = ImageShards(
+            urls,
+            preprocess,
+            batch_size=options.batch_images,
+            shuffle_shards=False,
+            shuffle_buffer=0,
+            seed=0,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        self.stats = LatentStatistics(
+            sae.n_latents,
+            k=options.k,
+            tau=options.tau,
+            aggregate=options.aggregate,
+            device=self.device,
+        )
+        self.positions = [0] * len(urls)  # images decoded so far per shard: the next image id
+        self.refs: dict[int, tuple[str, int, int]] = {}  # image id -> (key, shard index, label)
+        self.skipped = 0
+        self.batches = 0
+        self.position: dict[str, Any] | None = None
+        self.partial = partial
+        self.state_path = partial / f"rank{dist.rank}.pt"
+        self.fingerprint = _fingerprint(options, sae, urls, dist.world_size)
+
+    # -- resumable state ---------------------------------------------------------------------
+    def restore(self) -> bool:
+        if not self.state_path.is_file():
+            return False
+        try:
+            state = torch.load(self.state_path, map_location="cpu", weights_only=True)
+        except Exception as err:  # a torn or corrupt file: start over, say so
+            log.warning("ignoring unreadable partial state %s (%s)", self.state_path, err)
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            log.warning(
+                "partial state in %s is from another SAE, dataset or settings; starting over",
+                self.partial,
+            )
+            return False
+        self.stats = LatentStatistics.from_state_dict(state["stats"], device=self.device)
+        self.positions = list(state["positions"])
+        self.refs = {int(i): (k, int(s), int(label)) for i, (k, s, label) in state["refs"].items()}
+        self.skipped, self.batches = state["skipped"], state["batches"]
+        self.position = state["position"]
+        return True
+
+    def save(self, ordered: OrderedBatches) -> None:
+        self._prune_refs()
+        state = {
+            "fingerprint": self.fingerprint,
+            "stats": self.stats.state_dict(),
+            "positions": self.positions,
+            "refs": {int(i): list(v) for i, v in self.refs.items()},
+            "skipped": self.skipped + ordered.skipped_total,
+            "batches": self.batches,
+            "position": ordered.position(),
+        }
+        self.partial.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.state_path, lambda p: torch_save(state, p), "the analysis state")
+
+    def _prune_refs(self) -> None:
+        keep = set(self.stats.top_ids_KF.unique().tolist())
+        self.refs = {i: v for i, v in self.refs.items() if i in keep}
+
+    # -- the pass ------------------------------------------------------------------------------
+    def run(self, progress: Any) -> bool:
+        """Read this rank's shards to the end; False if stopped early by ``max_batches``."""
+        position = self.position or {}
+        self.shards.set_position(
+            0, skip=position.get("consumed"), finished=position.get("finished")
+        )
+        loader = DataLoader(
+            self.shards, batch_size=None, num_workers=self.options.workers, pin_memory=False
+        )
+        workers = max(self.options.workers, 1)
+        ordered = (
+            OrderedBatches.from_position(loader, workers, position)
+            if position
+            else OrderedBatches(loader, workers)
+        )
+        try:
+            for batch in ordered:
+                self._add(batch)
+                self.batches += 1
+                progress.update(len(batch["keys"]))
+                if self.batches % self.options.save_every == 0:
+                    self.save(ordered)
+                if self.options.max_batches and self.batches >= self.options.max_batches:
+                    self.save(ordered)
+                    return False
+        finally:
+            ordered.close()
+        self.skipped += ordered.skipped_total
+        return True
+
+    @torch.no_grad()
+    def _add(self, batch: dict[str, Any]) -> None:
+        if not batch["keys"]:
+            return
+        ids = []
+        for url in batch["urls"]:
+            s = self.url_index[url]
+            ids.append(image_id(s, self.positions[s]))
+            self.positions[s] += 1
+        ids_B = torch.tensor(ids, dtype=torch.long)
+        labels_B = batch["labels"]
+        acts_BTD = select_tokens(self.source.all_tokens(batch["pixels"]), self.tokens)
+        B, T, D = acts_BTD.shape
+        # Encode in chunks of images so the [b, T, F] code stays within ~256 MiB.
+        chunk = max(1, (256 << 20) // (T * self.sae.n_latents * 4))
+        top_before = self.stats.top_ids_KF.clone()
+        for start in range(0, B, chunk):
+            part = slice(start, start + chunk)
+            x_ND = acts_BTD[part].reshape(-1, D)
+            codes_BTF = encode(x_ND, self.tensors).reshape(-1, T, self.sae.n_latents)
+            self.stats.update(codes_BTF, labels_B[part], ids_B[part])
+        # Remember key, shard and label of the images that entered a top-K.
+        new = set(self.stats.top_ids_KF[self.stats.top_ids_KF != top_before].tolist())
+        for i, key, url, label in zip(
+            ids, batch["keys"], batch["urls"], labels_B.tolist(), strict=True
+        ):
+            if i in new:
+                self.refs[i] = (key, self.url_index[url], int(label))
+        if len(self.refs) > 4 * self.options.k * self.sae.n_latents:
+            self._prune_refs()
+
+
+def _reduce(passes: _Pass, dist: Distributed) -> tuple[LatentStatistics, dict, int]:
+    """Rank 0 gets the sum of every rank's statistics, the refs of the merged top-K and the
+    total of skipped samples; other ranks get None."""
+    stats = passes.stats
+    if not dist.active:
+        passes._prune_refs()
+        return stats, passes.refs, passes.skipped
+    objects = dist.all_gather_object(
+        (stats.state_dict(), passes.refs, passes.skipped)
+    )  # small next to the data: [K, F] buffers, sums and [C, F] counts per rank
+    if not dist.is_main:
+        return None, None, None  # type: ignore[return-value]
+    merged = LatentStatistics.from_state_dict(objects[0][0])
+    refs: dict[int, tuple[str, int, int]] = dict(objects[0][1])
+    for state, rank_refs, _ in objects[1:]:
+        merged.merge(LatentStatistics.from_state_dict(state))
+        refs.update(rank_refs)
+    keep = set(merged.top_ids_KF.unique().tolist())
+    return merged, {i: v for i, v in refs.items() if i in keep}, sum(o[2] for o in objects)
+
+
+def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
+    """Run the pass; returns the results folder on rank 0 (None elsewhere, or when stopped
+    early by ``max_batches``)."""
+    sae = load_trained(run_dir)
+    out = Path(options.out) if options.out else Path(run_dir) / "analysis"
+    try:
+        urls = expand_urls(options.data)
+    except Exception as err:
+        raise AnalysisError(f"--data {options.data!r}: {err}") from err
+    names = _class_names(options, urls)
+    dist = Distributed.from_env(DistributedConfig(), options.device)
+    partial = out.parent / f".{out.name}{PARTIAL}"
+    passes = _Pass(options, sae, urls, dist, partial)
+    if passes.restore():
+        log.info("resuming the analysis from %s (%d batches done)", partial, passes.batches)
+    from tqdm import tqdm
+
+    progress = tqdm(
+        total=None,
+        initial=passes.stats.images,
+        unit="img",
+        desc=f"analyze (rank {dist.rank}/{dist.world_size})",
+        disable=not dist.is_main,
+        mininterval=1.0 if sys.stderr.isatty() else 10.0,
+        file=sys.stderr,
+    )
+    try:
+        finished = passes.run(progress)
+    finally:
+        progress.close()
+    stopped = torch.tensor([0 if finished else 1])
+    dist.all_reduce_sum(stopped)
+    if int(stopped):
+        return None
+    stats, refs, skipped = _reduce(passes, dist)
+    result = None
+    if dist.is_main:
+        if stats.images == 0:
+            raise AnalysisError(
+                f"no readable image in {options.data} ({skipped} samples skipped); check --data"
+            )
+        result = write_results(out, sae, stats, refs, urls, names, options, skipped, passes.tokens)
+    dist.barrier()
+    if dist.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        if options.mlflow:
+            log_to_mlflow(sae, result)
+    return result
+
+
+def write_results(
+    out: Path,
+    sae: TrainedSAE,
+    stats: LatentStatistics,
+    refs: dict[int, tuple[str, int, int]],
+    urls: list[str],
+    names: list[str] | None,
+    options: AnalyzeOptions,
+    skipped: int,
+    tokens: str,
+) -> Path:
+    """Write every output into ``out`` through a temp folder and one rename."""
+    from safetensors.torch import save_file
+
+    labels_of = {i: label for i, (_, _, label) in refs.items()}
+    res = stats.results(labels_of)
+    n_classes = res["class_counts_CF"].shape[0]
+    names = list(names or [])
+    names += [str(c) for c in range(len(names), n_classes)]
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(
+            {k: v.contiguous() for k, v in res.items()}, str(tmp / "latent_stats.safetensors")
+        )
+        _latent_table(res, names).to_parquet(tmp / "latents.parquet", index=False)
+        _reference_table(res, refs, urls, names).to_parquet(
+            tmp / "reference_images.parquet", index=False
+        )
+        summary = {
+            "run_dir": str(sae.run_dir),
+            "mlflow_run_id": sae.mlflow_run_id,
+            "model": sae.model.name,
+            "pretrained": options.pretrained or sae.model.pretrained,
+            "layer": sae.model.layer,
+            "n_latents": sae.n_latents,
+            "data": options.data,
+            "shards": len(urls),
+            "images": stats.images,
+            "tokens": stats.tokens,
+            "skipped_samples": skipped,
+            "image_tokens": tokens,
+            "aggregate": options.aggregate,
+            "k": options.k,
+            "tau": options.tau,
+            "dead_latents": int(res["dead_F"].sum()),
+            "classes": names,
+            "options": asdict(options),
+        }
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _reference_table(
+    res: dict[str, torch.Tensor],
+    refs: dict[int, tuple[str, int, int]],
+    urls: list[str],
+    names: list[str],
+):
+    """One row per (latent, rank) reference image: shard, key, value, label, class."""
+    import pandas as pd
+
+    ids_KF = res["top_ids_KF"]
+    rank_K, latent_K = (ids_KF >= 0).nonzero(as_tuple=True)
+    rows = []
+    for r, j, i, v in zip(
+        rank_K.tolist(),
+        latent_K.tolist(),
+        ids_KF[rank_K, latent_K].tolist(),
+        res["top_values_KF"][rank_K, latent_K].tolist(),
+        strict=True,
+    ):
+        key, shard, label = refs[i]
+        rows.append((j, r, urls[shard], key, i, v, label, names[label]))
+    columns = ["latent", "rank", "shard", "key", "image_id", "value", "label", "class"]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.sort_values(["latent", "rank"], ignore_index=True)
+
+
+def _latent_table(res: dict[str, torch.Tensor], names: list[str]):
+    import pandas as pd
+
+    counts_CF = res["class_counts_CF"]
+    total_F = counts_CF.sum(dim=0)
+    top = counts_CF.topk(min(3, counts_CF.shape[0]), dim=0) if counts_CF.shape[0] else None
+    rows: dict[str, Any] = {
+        "latent": range(counts_CF.shape[1]),
+        "frequency": res["frequency_F"].numpy(),
+        "token_frequency": res["token_frequency_F"].numpy(),
+        "mean_activation": res["mean_activation_F"].numpy(),
+        "dead": res["dead_F"].numpy(),
+        "entropy": res["entropy_F"].numpy(),
+        "n_references": res["n_references_F"].numpy(),
+        "dataset_count": total_F.numpy(),
+    }
+    if top is not None:
+        share = top.values.double() / total_F.clamp_min(1)
+        rows["top_class"] = [
+            names[c] if n else None
+            for c, n in zip(top.indices[0].tolist(), total_F.tolist(), strict=True)
+        ]
+        rows["top_class_share"] = share[0].numpy()
+        rows["top_classes"] = [
+            ", ".join(
+                f"{names[c]} ({s:.0%})"
+                for c, s, v in zip(
+                    top.indices[:, j].tolist(),
+                    share[:, j].tolist(),
+                    top.values[:, j].tolist(),
+                    strict=True,
+                )
+                if v > 0
+            )
+            for j in range(counts_CF.shape[1])
+        ]
+    return pd.DataFrame(rows)
+
+
+def _mlflow_target(sae: TrainedSAE) -> tuple[str | None, str]:
+    """The SAE's MLflow run id and tracking URI. The run folder's ``mlflow_run.json`` (written
+    by the tracker once the run exists) wins over ``cfg.json``, whose id is missing when the
+    export was written before the run reached the server; a checkpoint folder looks in its run
+    folder."""
+    from patchsae.trainer.tracking import read_run_info, resolve_tracking_uri
+
+    configured = sae.cfg_json.get("config", {}).get("tracking", {}).get("tracking_uri")
+    for folder in (sae.run_dir, *sae.run_dir.resolve().parents[:2]):
+        info = read_run_info(folder)
+        if info and info.get("run_id"):
+            return info["run_id"], info.get("tracking_uri") or resolve_tracking_uri(
+                configured, folder
+            )
+    return sae.mlflow_run_id, resolve_tracking_uri(configured, sae.run_dir)
+
+
+def log_to_mlflow(sae: TrainedSAE, out: Path) -> None:
+    """Log ``out`` as artifacts (``analysis/<folder name>``) of the SAE's own MLflow run, so the
+    results open from its run page. A tracking failure is a warning: the files stay in ``out``."""
+    run_id, uri = _mlflow_target(sae)
+    if not run_id:
+        log.warning("the SAE's run has no MLflow run on record; results stay in %s", out)
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).log_artifacts(run_id, str(out), artifact_path=f"analysis/{out.name}")
+    except Exception as err:  # noqa: BLE001 - tracking never loses the results
+        log.warning(
+            "could not log the analysis to MLflow run %s at %s (%s: %s); the results are in %s",
+            run_id,
+            uri,
+            type(err).__name__,
+            err,
+            out,
+        )
+    else:
+        print(f"logged {out} to MLflow run {run_id} (artifacts analysis/{out.name})")
