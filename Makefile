@@ -7,6 +7,7 @@ DEMO_DATA ?= runs/demo-data
 DEMO_CLIP_DATA ?= runs/demo-clip-data
 DEMO_HELDOUT ?= runs/demo-heldout
 DEMO_CLIP ?= runs/demo-clip
+DEMO_RUN ?= runs/demo
 # Nothing downloads at run time; Triton runs in its interpreter on CPU hosts.
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -36,9 +37,13 @@ $(DEMO_HELDOUT)/classes.json: | $(STAMP)
 $(DEMO_CLIP)/demo_clip.safetensors: | $(DEMO_CLIP_DATA)/classes.json $(DEMO_HELDOUT)/classes.json
 	$(BIN)/patchsae make-demo-clip --data $(DEMO_CLIP_DATA) --heldout $(DEMO_HELDOUT) --out $(DEMO_CLIP)
 
+# Train the demo SAE, then analyse its latents on the demo images (RUN_DIR/analysis, also
+# logged to the run's MLflow run).
 train: $(STAMP) $(DEMO_DATA)/classes.json $(DEMO_CLIP)/demo_clip.safetensors
 	$(BIN)/patchsae train --config configs/demo.yaml --set data.urls=$(DEMO_DATA) \
-		--set model.pretrained=$(DEMO_CLIP)/demo_clip.safetensors $(ARGS)
+		--set model.pretrained=$(DEMO_CLIP)/demo_clip.safetensors \
+		--set train.out_dir=$(DEMO_RUN) $(ARGS)
+	$(BIN)/patchsae analyze $(DEMO_RUN) --data $(DEMO_DATA)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -31,7 +31,7 @@ def test_wheel_holds_only_the_patchsae_package(tmp_path):
     top = {name.split("/")[0] for name in names}
     assert top == {"patchsae", next(t for t in top if t.endswith(".dist-info"))}, top
     packages = {name.split("/")[1] for name in names if name.startswith("patchsae/")}
-    assert packages == {"data", "kernels", "trainer", "launchers"}, packages
+    assert packages == {"data", "kernels", "trainer", "launchers", "analysis"}, packages
     assert "patchsae/data/model_configs/patchsae-demo-vit.json" in names
     assert "patchsae/launchers/train.py" in names
     assert not any(n.endswith((".so", ".o", ".pyc")) for n in names)

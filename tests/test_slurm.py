@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -194,3 +195,31 @@ def _cmdline(pid: int) -> str:
             return f.read().replace(b"\0", b" ").decode().strip()
     except OSError:
         return ""
+
+
+def test_sbatch_analyzes_on_two_nodes_like_one_process(cluster, demo_shards, tmp_path):
+    """``slurm/analyze.sh`` on 2 nodes: each rank reads its shards, the results equal one
+    process's."""
+    from tests.helpers import ROOT, free_port, python_cmd, run_cli, run_train, small_overrides
+    from tests.test_analysis import _same_results
+
+    run = tmp_path / "run"
+    run_train(small_overrides(demo_shards, run, **{"tracking.enabled": "false"}))
+    args = ["--data", str(demo_shards), "--batch-images", "20", "--workers", "1", "--no-mlflow"]
+    local, slurm = tmp_path / "local", tmp_path / "slurm"
+    proc = run_cli(
+        [*python_cmd(1), "-m", "patchsae.launchers.cli", "analyze", str(run), *args,
+         "--out", str(local)]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = tmp_path / "analyze.log"
+    cmd = [
+        "sbatch", "--wait", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=5",
+        f"--output={log}", str(ROOT / "slurm" / "analyze.sh"), str(run), *args,
+        "--out", str(slurm),
+    ]  # fmt: skip
+    env = cluster.env(PATCHSAE_PYTHON=sys.executable, NPROC="1", RDZV_PORT=str(free_port()))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, log.read_text()[-3000:] if log.exists() else proc.stderr
+    assert "2 node(s) x 1 process(es)" in log.read_text()
+    _same_results(local, slurm)

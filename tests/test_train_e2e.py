@@ -98,6 +98,65 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip):
     print(
         f"demo: {elapsed:.0f} s, final FVU {final['quality/fvu']:.4f}, L0 {final['sparsity/l0']:.1f}"
     )
+    _demo_latents_are_concepts(out, shards)
+
+
+def _demo_latents_are_concepts(run_dir, shards) -> None:
+    """`patchsae analyze` on the demo SAE finds the generator's ground truth: for every class a
+    latent whose 10 reference images are all of that class, and latents that live on the
+    background (by the true object masks) and are not tied to one class."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from tests.helpers import python_cmd, run_cli
+
+    analysis = run_dir / "analysis"
+    proc = run_cli(
+        [*python_cmd(1), "-m", "patchsae.launchers.cli", "analyze", str(run_dir), "--data",
+         str(shards)], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    refs = pd.read_parquet(analysis / "reference_images.parquet")
+    table = pd.read_parquet(analysis / "latents.parquet")
+    per_latent = refs.groupby("latent").agg(n=("label", "size"), classes=("label", "nunique"))
+    pure = per_latent[(per_latent.n == 10) & (per_latent.classes == 1)].index
+    pure_class = refs[refs.latent.isin(pure)].groupby("latent").label.first()
+    assert sorted(set(pure_class)) == list(range(8)), pure_class.value_counts()
+    assert (table.loc[pure, "entropy"] == 0).all()
+
+    # Share of each latent's patch activation that falls on background patches.
+    from patchsae.analysis.masks import MaskMaker
+    from patchsae.analysis.model import load_trained
+
+    maker = MaskMaker(load_trained(run_dir))
+    background = torch.zeros(len(table), dtype=torch.float64)
+    total = torch.zeros(len(table), dtype=torch.float64)
+    for tar_path in sorted(shards.glob("*.tar")):
+        grouped: dict[str, dict] = {}
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                grouped.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        samples = list(grouped.values())
+        codes = maker.codes([Image.open(io.BytesIO(s["png"])) for s in samples])[:, 1:]
+        h, w = maker.grid
+        masks = []
+        for s in samples:
+            mask = np.asarray(Image.open(io.BytesIO(s["mask.png"]))) > 127
+            ph, pw = mask.shape[0] // h, mask.shape[1] // w
+            masks.append(mask.reshape(h, ph, w, pw).mean(axis=(1, 3)).reshape(-1) < 0.5)
+        off_object = torch.tensor(np.stack(masks))[:, :, None]
+        background += (codes * off_object).sum((0, 1)).double()
+        total += codes.sum((0, 1)).double()
+    table["background_share"] = (background / total.clamp_min(1e-12)).numpy()
+    on_background = table[(table.background_share >= 0.9) & (table.frequency >= 0.1)]
+    mixed = on_background[on_background.entropy >= 1.0]  # ln 8 = 2.08 is uniform over classes
+    assert len(mixed) >= 3, on_background[["frequency", "entropy", "background_share"]]
+    print(
+        f"demo analysis: {len(pure)} single-class latents covering all 8 classes; "
+        f"{len(on_background)} background latents, {len(mixed)} of them with label entropy >= 1"
+    )
 
 
 def _losses(run_dir):
