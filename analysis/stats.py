@@ -127,12 +127,19 @@ class LatentStatistics:
         self.active_tokens_F += (codes_BTF > 0).sum(dim=(0, 1))
         self.class_counts_CF.index_add_(0, labels_B, (codes_BTF > self.tau).sum(dim=1))
         self.class_images_C.index_add_(0, labels_B, torch.ones_like(labels_B))
-        # Only active images compete for the top-K.
+        # Only active images compete for the top-K, and only in the columns where one reaches
+        # the current K-th value (ties included: the id decides). Once the buffers are full
+        # that is a few columns per batch.
         values_BF = torch.where(active_BF, image_BF.float(), -math.inf)
-        ids_BF = torch.where(active_BF, ids_B.to(self.device)[:, None], -1)
-        self.top_values_KF, self.top_ids_KF = merge_top(
-            self.top_values_KF, self.top_ids_KF, values_BF, ids_BF, self.k
-        )
+        reaches_F = (active_BF & (values_BF >= self.top_values_KF[-1])).any(dim=0)
+        cols = reaches_F.nonzero().squeeze(1)
+        if cols.numel():
+            ids_BF = torch.where(active_BF[:, cols], ids_B.to(self.device)[:, None], -1)
+            values, ids = merge_top(
+                self.top_values_KF[:, cols], self.top_ids_KF[:, cols], values_BF[:, cols], ids_BF,
+                self.k,
+            )  # fmt: skip
+            self.top_values_KF[:, cols], self.top_ids_KF[:, cols] = values, ids
         return image_BF
 
     def merge(self, other: LatentStatistics) -> None:
