@@ -37,13 +37,14 @@ $(DEMO_HELDOUT)/classes.json: | $(STAMP)
 $(DEMO_CLIP)/demo_clip.safetensors: | $(DEMO_CLIP_DATA)/classes.json $(DEMO_HELDOUT)/classes.json
 	$(BIN)/patchsae make-demo-clip --data $(DEMO_CLIP_DATA) --heldout $(DEMO_HELDOUT) --out $(DEMO_CLIP)
 
-# Train the demo SAE, then analyse its latents on the demo images (RUN_DIR/analysis, also
-# logged to the run's MLflow run).
+# Train the demo SAE, then analyse its latents on the demo images and write the latent report
+# (DEMO_RUN/analysis/report.html; both also logged to the run's MLflow run).
 train: $(STAMP) $(DEMO_DATA)/classes.json $(DEMO_CLIP)/demo_clip.safetensors
 	$(BIN)/patchsae train --config configs/demo.yaml --set data.urls=$(DEMO_DATA) \
 		--set model.pretrained=$(DEMO_CLIP)/demo_clip.safetensors \
 		--set train.out_dir=$(DEMO_RUN) $(ARGS)
 	$(BIN)/patchsae analyze $(DEMO_RUN) --data $(DEMO_DATA)
+	$(BIN)/patchsae report $(DEMO_RUN)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -463,16 +463,18 @@ def _mlflow_target(sae: TrainedSAE) -> tuple[str | None, str]:
 
 
 def log_to_mlflow(sae: TrainedSAE, out: Path) -> None:
-    """Log ``out`` as artifacts (``analysis/<folder name>``) of the SAE's own MLflow run, so the
+    """Log ``out`` as artifacts (``analysis/``, or ``analysis/<folder name>`` for another folder
+    than the default) of the SAE's own MLflow run, so the
     results open from its run page. A tracking failure is a warning: the files stay in ``out``."""
     run_id, uri = _mlflow_target(sae)
+    artifact_path = "analysis" if out.name == "analysis" else f"analysis/{out.name}"
     if not run_id:
         log.warning("the SAE's run has no MLflow run on record; results stay in %s", out)
         return
     try:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(uri).log_artifacts(run_id, str(out), artifact_path=f"analysis/{out.name}")
+        MlflowClient(uri).log_artifacts(run_id, str(out), artifact_path=artifact_path)
     except Exception as err:  # noqa: BLE001 - tracking never loses the results
         log.warning(
             "could not log the analysis to MLflow run %s at %s (%s: %s); the results are in %s",
@@ -483,4 +485,4 @@ def log_to_mlflow(sae: TrainedSAE, out: Path) -> None:
             out,
         )
     else:
-        print(f"logged {out} to MLflow run {run_id} (artifacts analysis/{out.name})")
+        print(f"logged {out} to MLflow run {run_id} (artifacts {artifact_path}/)")

@@ -413,6 +413,23 @@ def _tar_samples(url: str, counter: _Counter) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
+def fetch_samples(url: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The raw samples of ``keys`` in the shard at ``url`` (one sequential read, stopping once
+    all are found); keys absent from the shard are absent from the result."""
+    wanted, found = set(keys), {}
+    for sample in _tar_samples(url, _Counter()):
+        if sample["__key__"] in wanted:
+            found[sample["__key__"]] = sample
+            if len(found) == len(wanted):
+                break
+    return found
+
+
+def decode_image(sample: dict[str, Any]) -> PIL.Image.Image:
+    """A raw sample's RGB image."""
+    return _decode(sample)[0]
+
+
 def _shuffled(
     samples: Iterator[dict[str, Any]], size: int, rng: random.Random
 ) -> Iterator[dict[str, Any]]:

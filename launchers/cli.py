@@ -117,6 +117,23 @@ def _masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from patchsae.analysis.report import write_report
+
+    path = write_report(
+        args.run_dir,
+        analysis=args.analysis,
+        latents=args.latents,
+        frequent=args.frequent,
+        bands=args.bands,
+        per_band=args.per_band,
+        device=args.device,
+        mlflow=not args.no_mlflow,
+    )
+    print(f"report written to {path}")
+    return 0
+
+
 def _sync_mlflow(args: argparse.Namespace) -> int:
     from patchsae.trainer.tracking import sync_unsent
 
@@ -222,6 +239,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="other CLIP weights of the same model")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_masks)
+
+    p = sub.add_parser(
+        "report", help="the latent report (scatter, table, reference images with masks) as HTML"
+    )
+    p.add_argument("run_dir", help="a run folder with sae.safetensors + cfg.json")
+    p.add_argument("--analysis", default=None, help="the analyze output (default RUN_DIR/analysis)")
+    p.add_argument("--latents", type=int, nargs="+", default=None, help="latents to show as well")
+    p.add_argument("--frequent", type=int, default=12, help="show the N most frequent latents")
+    p.add_argument("--bands", type=int, default=4, help="log-frequency bands to sample from")
+    p.add_argument("--per-band", type=int, default=3, help="latents sampled per band")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
     p.add_argument("run_dir")

@@ -1,0 +1,140 @@
+"""The latent report in a real browser (Debian's chromium through Selenium): from the file and
+from the MLflow UI's artifact view, with screenshots.
+
+Skipped without chromium and chromedriver, except where ``PATCHSAE_REQUIRE_BROWSER=1`` (CI)
+makes that a failure.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+
+import numpy as np
+import PIL.Image
+import pytest
+from patchsae.trainer.tracking import read_run_info
+
+from tests.helpers import python_cmd, run_cli
+from tests.mlflow_server import MlflowServer
+from tests.test_analysis import small_run  # noqa: F401 - the fixture
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def browser():
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    if missing:
+        reason = f"{missing} not installed (apt-get install chromium chromium-driver)"
+        if os.environ.get("PATCHSAE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"PATCHSAE_REQUIRE_BROWSER=1 but {reason}")
+        pytest.skip(reason)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
+        options.add_argument(arg)
+    options.binary_location = CHROMIUM
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:  # noqa: BLE001 - the page is still loading
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _check_page(driver, n_latents: int, latent: int) -> None:
+    """The table has every latent, every image decoded, the named latent has its section, and a
+    click on a header sorts the table."""
+    from selenium.webdriver.common.by import By
+
+    rows = _wait(
+        lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latents tbody tr")) == n_latents,
+        60,
+        "the table",
+    )
+    assert rows
+    images = driver.find_elements(By.TAG_NAME, "img")
+    assert len(images) >= 2
+    loaded = _wait(
+        lambda: all(
+            driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+            for i in images
+        ),
+        60,
+        "the images",
+    )
+    assert loaded
+    assert driver.find_elements(By.ID, f"latent-{latent}")
+    header = driver.find_elements(By.CSS_SELECTOR, "#latents th")[1]  # frequency
+    assert header.text == "frequency"
+    header.click()
+    header.click()  # descending
+    values = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#latents tbody tr td:nth-child(2)'))"
+        ".map(function (c) { return parseFloat(c.dataset.v); })"
+    )
+    assert len(values) == n_latents
+    assert values == sorted(values, reverse=True) and values[0] > values[-1]
+
+
+def _scatter_is_drawn(png: bytes) -> None:
+    """The screenshot shows the scatter: many coloured (not grey or white) pixels."""
+    rgb = np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    saturation = rgb.max(axis=2) - rgb.min(axis=2)
+    assert (saturation > 60).mean() > 0.005, (saturation > 60).mean()
+
+
+def test_report_opens_from_the_file_and_from_the_mlflow_ui(
+    small_run,  # noqa: F811
+    demo_shards,
+    tmp_path,
+    browser,
+):
+    from selenium.webdriver.common.by import By
+
+    cli = [*python_cmd(1), "-m", "patchsae.launchers.cli"]
+    proc = run_cli([*cli, "analyze", str(small_run), "--data", str(demo_shards)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli([*cli, "report", str(small_run), "--latents", "7"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = small_run / "analysis" / "report.html"
+    assert report.is_file()
+
+    browser.get(report.resolve().as_uri())
+    _check_page(browser, 1024, 7)
+    browser.execute_script("window.scrollTo(0, 0)")
+    shot = browser.get_screenshot_as_png()
+    (tmp_path / "report-file.png").write_bytes(shot)
+    _scatter_is_drawn(shot)
+
+    # The same file from the run's page in the MLflow UI (artifacts analysis/report.html).
+    info = read_run_info(small_run)
+    with MlflowServer(tmp_path / "server", backend_store_uri=info["tracking_uri"]) as server:
+        browser.get(
+            f"{server.uri}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
+            "/artifacts/analysis/report.html"
+        )
+        frame = _wait(lambda: browser.find_element(By.TAG_NAME, "iframe"), 90, "the artifact view")
+        time.sleep(1)
+        shot = browser.get_screenshot_as_png()
+        (tmp_path / "report-mlflow.png").write_bytes(shot)
+        _scatter_is_drawn(shot)
+        browser.switch_to.frame(frame)
+        _check_page(browser, 1024, 7)
