@@ -355,3 +355,24 @@ def test_masks_command_writes_overlays_of_the_top_latents(small_run, demo_shards
         big = np.kron(view, np.ones((3, 3, 1), dtype=view.dtype))
         if up.any():
             assert np.all(overlay[up] <= big[up] // 2 + 1)
+
+
+def test_report_selection_and_missing_analysis(small_run, tmp_path):
+    from patchsae.analysis.report import select_latents
+
+    table = pd.DataFrame(
+        {
+            "latent": range(8),
+            "frequency": [0.9, 0.5, 0.1, 0.01, 0.001, 0.3, 0.0, 0.05],
+            "dead": [False] * 6 + [True, False],
+        }
+    )
+    chosen = select_latents(table, frequent=2, bands=2, per_band=1, named=[6, 0])
+    assert chosen[:2] == [0, 1] and chosen[-1] == 6 and len(chosen) == len(set(chosen))
+    assert 6 not in select_latents(table, frequent=8, bands=2, per_band=8)  # dead: only if named
+    proc = run_cli(
+        [*python_cmd(1), "-m", "patchsae.launchers.cli", "report", str(small_run), "--analysis",
+         str(tmp_path / "nothing")]
+    )  # fmt: skip
+    assert proc.returncode == 2 and "run `patchsae analyze" in proc.stderr, proc.stderr
+    assert not (tmp_path / "nothing").exists()
