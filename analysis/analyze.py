@@ -35,7 +35,7 @@ from patchsae.analysis.model import (
     load_trained,
     select_tokens,
 )
-from patchsae.analysis.stats import LatentStatistics, encode, image_id
+from patchsae.analysis.stats import LatentStatistics, encode, image_id, merge_top
 from patchsae.data.shards import ImageShards, OrderedBatches, expand_urls
 from patchsae.trainer.checkpoint import atomic_write, torch_save
 from patchsae.trainer.config import DistributedConfig
@@ -247,24 +247,42 @@ class _Pass:
 
 
 def _reduce(passes: _Pass, dist: Distributed) -> tuple[LatentStatistics, dict, int]:
-    """Rank 0 gets the sum of every rank's statistics, the refs of the merged top-K and the
-    total of skipped samples; other ranks get None."""
+    """Every rank gets the sum of all ranks' statistics, the key, shard and label of the merged
+    references, and the total of skipped samples. Counts and sums are all-reduced where they
+    live (on the GPU under NCCL); only the ``[K, F]`` top-K buffers are gathered, merged in rank
+    order with the id tie rule, and only the references of the merged top-K travel as objects."""
+    import torch.distributed as tdist
+
     stats = passes.stats
     if not dist.active:
         passes._prune_refs()
         return stats, passes.refs, passes.skipped
-    objects = dist.all_gather_object(
-        (stats.state_dict(), passes.refs, passes.skipped)
-    )  # small next to the data: [K, F] buffers, sums and [C, F] counts per rank
-    if not dist.is_main:
-        return None, None, None  # type: ignore[return-value]
-    merged = LatentStatistics.from_state_dict(objects[0][0])
-    refs: dict[int, tuple[str, int, int]] = dict(objects[0][1])
-    for state, rank_refs, _ in objects[1:]:
-        merged.merge(LatentStatistics.from_state_dict(state))
-        refs.update(rank_refs)
-    keep = set(merged.top_ids_KF.unique().tolist())
-    return merged, {i: v for i, v in refs.items() if i in keep}, sum(o[2] for o in objects)
+    device = stats.device
+    n_classes = torch.tensor([stats.n_classes], device=device)
+    stats.grow_classes(int(dist.all_reduce_max(n_classes)))
+    scalars = torch.tensor(
+        [stats.images, stats.tokens, passes.skipped], dtype=torch.long, device=device
+    )
+    dist.all_reduce_sum(scalars)
+    for name in _SUMMED:
+        dist.all_reduce_sum(getattr(stats, name))
+    values = [torch.empty_like(stats.top_values_KF) for _ in range(dist.world_size)]
+    ids = [torch.empty_like(stats.top_ids_KF) for _ in range(dist.world_size)]
+    tdist.all_gather(values, stats.top_values_KF)
+    tdist.all_gather(ids, stats.top_ids_KF)
+    top_values, top_ids = values[0], ids[0]
+    for v, i in zip(values[1:], ids[1:], strict=True):
+        top_values, top_ids = merge_top(top_values, top_ids, v, i, stats.k)
+    stats.top_values_KF, stats.top_ids_KF = top_values, top_ids
+    stats.images, stats.tokens, skipped = scalars.tolist()
+    keep = set(top_ids.unique().tolist())
+    refs: dict[int, tuple[str, int, int]] = {}
+    for part in dist.all_gather_object({i: v for i, v in passes.refs.items() if i in keep}):
+        refs.update(part)  # type: ignore[arg-type]
+    return stats, refs, skipped
+
+
+_SUMMED = ("image_sum_F", "active_images_F", "active_tokens_F", "class_counts_CF", "class_images_C")
 
 
 def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
@@ -302,12 +320,12 @@ def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
     if int(stopped):
         return None
     stats, refs, skipped = _reduce(passes, dist)
+    if stats.images == 0:  # the reduced count: every rank stops alike
+        raise AnalysisError(
+            f"no readable image in {options.data} ({skipped} samples skipped); check --data"
+        )
     result = None
     if dist.is_main:
-        if stats.images == 0:
-            raise AnalysisError(
-                f"no readable image in {options.data} ({skipped} samples skipped); check --data"
-            )
         result = write_results(out, sae, stats, refs, urls, names, options, skipped, passes.tokens)
     dist.barrier()
     if dist.is_main:
