@@ -238,7 +238,8 @@ def write_report(
     device: str = "cpu",
     mlflow: bool = True,
 ) -> Path:
-    """Write ``report.html`` into the analysis folder (and log it to the SAE's MLflow run)."""
+    """Write ``report.html``, ``scatter.png`` and ``latents/latent_J.png`` (reference grids) into
+    the analysis folder, and log the folder to the SAE's MLflow run."""
     sae: TrainedSAE = load_trained(run_dir)
     folder = Path(analysis) if analysis else Path(run_dir) / "analysis"
     needed = ("latents.parquet", "reference_images.parquet", "summary.json")
@@ -283,7 +284,13 @@ def write_report(
             )
             for j in chosen
         ]
-    text = render(summary, table, scatter_png(table), sections)
+    scatter = scatter_png(table)
+    text = render(summary, table, scatter, sections)
+    # The plots also as their own PNG files (MLflow previews them as images).
+    atomic_write(folder / "scatter.png", lambda p: p.write_bytes(scatter), "the scatter plot")
+    (folder / "latents").mkdir(exist_ok=True)
+    for j, grid in sections:
+        atomic_write(folder / "latents" / f"latent_{j}.png", lambda p, g=grid: p.write_bytes(g))
     path = folder / REPORT
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), "the report")
     if mlflow:

@@ -116,6 +116,8 @@ def test_report_opens_from_the_file_and_from_the_mlflow_ui(
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = small_run / "analysis" / "report.html"
     assert report.is_file()
+    assert PIL.Image.open(small_run / "analysis" / "scatter.png").size[0] > 300
+    assert PIL.Image.open(small_run / "analysis" / "latents" / "latent_7.png").size[0] > 300
 
     browser.get(report.resolve().as_uri())
     _check_page(browser, 1024, 7)
