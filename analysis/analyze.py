@@ -288,6 +288,12 @@ _SUMMED = ("image_sum_F", "active_images_F", "active_tokens_F", "class_counts_CF
 def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
     """Run the pass; returns the results folder on rank 0 (None elsewhere, or when stopped
     early by ``max_batches``)."""
+    for name, least in (("k", 1), ("batch_images", 1), ("save_every", 1), ("workers", 0)):
+        if getattr(options, name) < least:
+            flag = "--" + name.replace("_", "-")
+            raise AnalysisError(f"{flag} {getattr(options, name)}: must be >= {least}")
+    if not options.tau >= 0:
+        raise AnalysisError(f"--tau {options.tau}: must be >= 0 (activations are >= 0)")
     sae = load_trained(run_dir)
     out = Path(options.out) if options.out else Path(run_dir) / "analysis"
     try:

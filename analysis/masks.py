@@ -149,6 +149,8 @@ def write_masks(
     """``patchsae masks``: overlays of the image's top (or chosen) latents, one PNG per latent,
     and ``<image>.masks.json`` with the per-patch values. Everything is checked before the first
     file is written."""
+    if top < 1:
+        raise AnalysisError(f"--top {top}: must be >= 1")
     sae = load_trained(run_dir)
     if latents is not None:
         sae.check_latents(latents)

@@ -322,6 +322,8 @@ def test_bad_input_is_named_with_exit_2(small_run, demo_shards, tmp_path):
         "is not an image PIL can read",
         masks,
     )
+    # Settings out of range.
+    _fails_cleanly(_analyze_cmd(small_run, demo_shards, out, "--k", "0"), "--k 0: must be", out)
     # Shards with no readable image.
     empty = tmp_path / "empty"
     empty.mkdir()
