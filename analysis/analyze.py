@@ -486,10 +486,11 @@ def _mlflow_target(sae: TrainedSAE) -> tuple[str | None, str]:
     return sae.mlflow_run_id, resolve_tracking_uri(configured, sae.run_dir)
 
 
-def log_to_mlflow(sae: TrainedSAE, out: Path) -> None:
+def log_to_mlflow(sae: TrainedSAE, out: Path, only: list[str] | None = None) -> None:
     """Log ``out`` as artifacts (``analysis/``, or ``analysis/<folder name>`` for another folder
-    than the default) of the SAE's own MLflow run, so the
-    results open from its run page. A tracking failure is a warning: the files stay in ``out``."""
+    than the default) of the SAE's own MLflow run, so the results open from its run page;
+    ``only``: just these entries of ``out`` (files or subfolders), not the whole folder again.
+    A tracking failure is a warning: the files stay in ``out``."""
     run_id, uri = _mlflow_target(sae)
     artifact_path = "analysis" if out.name == "analysis" else f"analysis/{out.name}"
     if not run_id:
@@ -498,7 +499,15 @@ def log_to_mlflow(sae: TrainedSAE, out: Path) -> None:
     try:
         from mlflow.tracking import MlflowClient
 
-        MlflowClient(uri).log_artifacts(run_id, str(out), artifact_path=artifact_path)
+        client = MlflowClient(uri)
+        if only is None:
+            client.log_artifacts(run_id, str(out), artifact_path=artifact_path)
+        for name in only or ():
+            path = out / name
+            if path.is_dir():
+                client.log_artifacts(run_id, str(path), artifact_path=f"{artifact_path}/{name}")
+            else:
+                client.log_artifact(run_id, str(path), artifact_path=artifact_path)
     except Exception as err:  # noqa: BLE001 - tracking never loses the results
         log.warning(
             "could not log the analysis to MLflow run %s at %s (%s: %s); the results are in %s",

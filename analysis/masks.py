@@ -88,7 +88,6 @@ class MaskMaker:
         if latents is None:
             order = mean_F.argsort(descending=True)[:top]
             latents = [j for j in order.tolist() if mean_F[j] > 0]
-        self.sae.check_latents(latents)
         grids = self.patch_grids(codes_TF[None], latents)[0]
         return ImageMasks(self.view(image), latents, mean_F[latents].tolist(), grids)
 

@@ -239,7 +239,7 @@ def write_report(
     mlflow: bool = True,
 ) -> Path:
     """Write ``report.html``, ``scatter.png`` and ``latents/latent_J.png`` (reference grids) into
-    the analysis folder, and log the folder to the SAE's MLflow run."""
+    the analysis folder, and log them to the SAE's MLflow run."""
     sae: TrainedSAE = load_trained(run_dir)
     folder = Path(analysis) if analysis else Path(run_dir) / "analysis"
     needed = ("latents.parquet", "reference_images.parquet", "summary.json")
@@ -293,6 +293,6 @@ def write_report(
         atomic_write(folder / "latents" / f"latent_{j}.png", lambda p, g=grid: p.write_bytes(g))
     path = folder / REPORT
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), "the report")
-    if mlflow:
-        log_to_mlflow(sae, folder)
+    if mlflow:  # the analysis itself was logged by analyze
+        log_to_mlflow(sae, folder, only=[REPORT, "scatter.png", "latents"])
     return path

@@ -35,6 +35,12 @@ EXIT_DIVERGED = 3
 """Exit status of a run stopped by non-finite steps (2: bad input; 1: a crash)."""
 
 
+def _log_progress() -> None:
+    """Show the project's own INFO messages (progress), without open_clip's chatter."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("patchsae").setLevel(logging.INFO)
+
+
 def _train(args: argparse.Namespace) -> int:
     from patchsae.trainer.config import load_config
     from patchsae.trainer.loop import train
@@ -55,8 +61,7 @@ def _make_demo_data(args: argparse.Namespace) -> int:
 def _make_demo_clip(args: argparse.Namespace) -> int:
     from patchsae.data.demo_clip import DemoClipConfig, train_demo_clip
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("patchsae").setLevel(logging.INFO)  # progress, without open_clip's chatter
+    _log_progress()
     cfg = DemoClipConfig(seed=args.seed)
     if args.steps is not None:
         cfg = dataclasses.replace(cfg, steps=args.steps)
@@ -76,8 +81,7 @@ def _make_demo_clip(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from patchsae.analysis.analyze import AnalyzeOptions, analyze
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("patchsae").setLevel(logging.INFO)
+    _log_progress()
     options = AnalyzeOptions(
         data=args.data,
         out=args.out,
