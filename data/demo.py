@@ -198,7 +198,9 @@ def _draw_sample(
     with 255 on the object, metadata)."""
     bg_kind, image = _background(rng, size)
 
-    scale = float(rng.uniform(0.22, 0.38))  # shape radius as a fraction of the image side
+    # Shape radius as a fraction of the image side: objects span 5 to 7 patches of the demo ViT, so
+    # most of an object's patches lie inside it rather than on its outline.
+    scale = float(rng.uniform(0.30, 0.45))
     radius = scale * size
     margin = radius * 0.9
     cx = float(rng.uniform(margin, size - margin))
@@ -220,7 +222,10 @@ def _draw_sample(
     dx, dy = xx - cx, yy - cy
     u = math.cos(angle) * dx + math.sin(angle) * dy
     v = -math.sin(angle) * dx + math.cos(angle) * dy
-    period = max(4.0, radius * 0.55)
+    # A texture period of 4 px at 64 px, half the 8 px patch: every patch of an object shows the
+    # same texture statistics, so a patch's features name the object rather than the phase of a
+    # stripe under it (coarser textures split each object into per-phase SAE latents).
+    period = max(2.0, 4.0 * size / 64)
     fg = _texture(cls.texture, colour, u, v, period)
 
     image = image * (1 - mask) + fg * mask

@@ -413,6 +413,12 @@ def _tar_samples(url: str, counter: _Counter) -> Iterator[dict[str, Any]]:
         stream.close()
 
 
+def iter_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The raw samples (every member, by extension) of the shard at ``url``, in order; those
+    without an image or a label are dropped."""
+    return _tar_samples(url, _Counter())
+
+
 def fetch_samples(url: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
     """The raw samples of ``keys`` in the shard at ``url`` (one sequential read, stopping once
     all are found); keys absent from the shard are absent from the result."""

@@ -378,3 +378,44 @@ def test_report_selection_and_missing_analysis(small_run, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2 and "run `patchsae analyze" in proc.stderr, proc.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+def test_segmentation_iou_matches_pixels_and_selects_on_one_split(small_run, demo_shards):
+    """Each latent's mask IoU against the true mask, counted in pixels of the nearest-upsampled
+    patch mask, per threshold; the best (latent, threshold) of each class scored again on
+    another split gives the same number as brute force there."""
+    from patchsae.analysis.masks import MaskMaker, upsample
+    from patchsae.analysis.segmentation import (
+        object_latents,
+        score_segmentation,
+        segmentation_samples,
+    )
+
+    maker = MaskMaker(load_trained(small_run))
+    samples = list(segmentation_samples(str(demo_shards)))
+    select, held = samples[:120], samples[120:]
+    fracs = (0.0, 0.3)
+    scores = score_segmentation(maker, select, 8, fracs=fracs, batch_images=32)
+    chosen = object_latents(scores)
+    assert [o.label for o in chosen] == list(range(8))
+    held_scores = score_segmentation(maker, held, 8, fracs=fracs, batch_images=50)
+    assert int(held_scores.counts_C.sum()) == len(held)
+
+    def brute(split, label, latent, frac) -> float:
+        ious = []
+        for image, mask, lab in split:
+            if lab != label:
+                continue
+            truth = np.asarray(mask) > 127
+            grid = maker.patch_grids(maker.codes([image]), [latent])[0, 0]
+            up = upsample(grid, truth.shape)
+            pred = (up > frac * up.max()) & (up > 0)
+            ious.append((pred & truth).sum() / max((pred | truth).sum(), 1))
+        return float(np.mean(ious))
+
+    for o in chosen[:3]:
+        assert o.iou == pytest.approx(brute(select, o.label, o.latent, o.frac), abs=1e-6)
+        # The chosen pair is the best of all on the selection split.
+        assert o.iou == pytest.approx(float(scores.mean()[o.label].max()))
+    for o in held_scores.iou_of(chosen)[:3]:
+        assert o.iou == pytest.approx(brute(held, o.label, o.latent, o.frac), abs=1e-6)

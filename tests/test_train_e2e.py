@@ -99,6 +99,32 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip):
         f"demo: {elapsed:.0f} s, final FVU {final['quality/fvu']:.4f}, L0 {final['sparsity/l0']:.1f}"
     )
     _demo_latents_are_concepts(out, shards)
+    _demo_latents_segment_objects(out, shards, demo_clip[1]["heldout"])
+
+
+def _demo_latents_segment_objects(run_dir, shards, heldout) -> None:
+    """Each class's best object latent, chosen (latent and threshold) on the SAE's training
+    images, draws a mask that overlaps the true object masks of held-out images with a pixel
+    IoU of at least 0.5 averaged over the classes."""
+    from patchsae.analysis.masks import MaskMaker
+    from patchsae.analysis.model import load_trained
+    from patchsae.analysis.segmentation import (
+        object_latents,
+        score_segmentation,
+        segmentation_samples,
+    )
+
+    maker = MaskMaker(load_trained(run_dir))
+    chosen = object_latents(score_segmentation(maker, segmentation_samples(str(shards)), 8))
+    held = score_segmentation(maker, segmentation_samples(str(heldout)), 8).iou_of(chosen)
+    assert [o.label for o in held] == list(range(8))
+    mean_iou = sum(o.iou for o in held) / len(held)
+    print(
+        "demo masks: held-out IoU per class "
+        + " ".join(f"{o.iou:.2f}" for o in held)
+        + f", mean {mean_iou:.3f}"
+    )
+    assert mean_iou >= 0.5, held
 
 
 def _demo_latents_are_concepts(run_dir, shards) -> None:
