@@ -33,6 +33,7 @@ from patchsae.analysis.model import (
     TrainedSAE,
     activation_source,
     load_trained,
+    read_class_names,
     select_tokens,
 )
 from patchsae.analysis.stats import LatentStatistics, encode, image_id, merge_top
@@ -83,19 +84,7 @@ def _fingerprint(options: AnalyzeOptions, sae: TrainedSAE, urls: list[str], worl
 
 
 def _class_names(options: AnalyzeOptions, urls: list[str]) -> list[str] | None:
-    path = Path(options.classes) if options.classes else None
-    if path is None and urls and "://" not in urls[0]:
-        candidate = Path(urls[0]).parent / "classes.json"
-        path = candidate if candidate.is_file() else None
-    if path is None:
-        return None
-    try:
-        names = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise AnalysisError(f"{path}: not a readable JSON list of class names ({err})") from err
-    if not isinstance(names, list):
-        raise AnalysisError(f"{path}: expected a JSON list of class names (index = label)")
-    return [str(n) for n in names]
+    return read_class_names(options.classes, urls)
 
 
 class _Pass:
@@ -469,7 +458,7 @@ def _latent_table(res: dict[str, torch.Tensor], names: list[str]):
     return pd.DataFrame(rows)
 
 
-def _mlflow_target(sae: TrainedSAE) -> tuple[str | None, str]:
+def mlflow_target(sae: TrainedSAE) -> tuple[str | None, str]:
     """The SAE's MLflow run id and tracking URI. The run folder's ``mlflow_run.json`` (written
     by the tracker once the run exists) wins over ``cfg.json``, whose id is missing when the
     export was written before the run reached the server; a checkpoint folder looks in its run
@@ -491,7 +480,7 @@ def log_to_mlflow(sae: TrainedSAE, out: Path, only: list[str] | None = None) -> 
     than the default) of the SAE's own MLflow run, so the results open from its run page;
     ``only``: just these entries of ``out`` (files or subfolders), not the whole folder again.
     A tracking failure is a warning: the files stay in ``out``."""
-    run_id, uri = _mlflow_target(sae)
+    run_id, uri = mlflow_target(sae)
     artifact_path = "analysis" if out.name == "analysis" else f"analysis/{out.name}"
     if not run_id:
         log.warning("the SAE's run has no MLflow run on record; results stay in %s", out)

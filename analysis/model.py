@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from patchsae.data.activations import ActivationSource, ModelError, load_visual
+from patchsae.data.activations import ActivationSource, ModelError, load_clip
 from patchsae.trainer.config import ModelConfig, config_from_dict
 from torch import Tensor
 
@@ -85,20 +85,31 @@ def load_trained(run_dir: str | Path) -> TrainedSAE:
     return TrainedSAE(run_dir, tensors, cfg_json, model)
 
 
-def activation_source(
-    sae: TrainedSAE, *, pretrained: str | None = None, device: torch.device
-) -> tuple[ActivationSource, Any]:
-    """The SAE's CLIP (or the same architecture with ``pretrained`` weights), hooked at the SAE's
-    layer with every token selected; returns ``(source, preprocess)``."""
+def load_sae_clip(sae: TrainedSAE, pretrained: str | None = None) -> tuple[Any, Any]:
+    """The SAE's whole open_clip model (or the same architecture with ``pretrained`` weights)
+    and its preprocessing."""
     model = sae.model
     weights = pretrained if pretrained is not None else model.pretrained
     try:
-        visual, preprocess = load_visual(
-            model.name, weights, cache_dir=model.cache_dir, init_seed=model.init_seed
-        )
+        return load_clip(model.name, weights, cache_dir=model.cache_dir, init_seed=model.init_seed)
     except ModelError as err:
         raise AnalysisError(f"cannot load the SAE's CLIP: {err}") from err
-    source = ActivationSource(visual, model.layer, tokens="all").to(device)
+
+
+def activation_source(
+    sae: TrainedSAE,
+    *,
+    pretrained: str | None = None,
+    device: torch.device,
+    clip: tuple[Any, Any] | None = None,
+) -> tuple[ActivationSource, Any]:
+    """The SAE's CLIP (or the same architecture with ``pretrained`` weights, or the already
+    loaded ``clip = (model, preprocess)``), hooked at the SAE's layer with every token
+    selected; returns ``(source, preprocess)``."""
+    model = sae.model
+    weights = pretrained if pretrained is not None else model.pretrained
+    clip_model, preprocess = clip if clip is not None else load_sae_clip(sae, pretrained)
+    source = ActivationSource(clip_model.visual, model.layer, tokens="all").to(device)
     if source.width != sae.d_in:
         raise AnalysisError(
             f"the SAE in {sae.run_dir} reads {sae.d_in}-wide activations but {model.name} with "
@@ -118,3 +129,28 @@ def select_tokens(acts_BTD: Tensor, tokens: str) -> Tensor:
     if tokens == "cls":
         return acts_BTD[:, :1]
     return acts_BTD
+
+
+def read_class_names(path: str | Path | None, urls: list[str]) -> list[str] | None:
+    """Class names (index = label) from ``path``, a JSON list or a text file of one name per
+    line; by default the ``classes.json`` beside the first local shard, else None."""
+    if path is None and urls and "://" not in urls[0]:
+        candidate = Path(urls[0]).parent / "classes.json"
+        path = candidate if candidate.is_file() else None
+    if path is None:
+        return None
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise AnalysisError(f"{path}: cannot read the class names ({err})") from err
+    if path.suffix != ".json":
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    else:
+        try:
+            names = json.loads(text)
+        except ValueError as err:
+            raise AnalysisError(f"{path}: not a JSON list of class names ({err})") from err
+    if not isinstance(names, list) or not names:
+        raise AnalysisError(f"{path}: expected a non-empty list of class names (index = label)")
+    return [str(n) for n in names]

@@ -94,6 +94,14 @@ def load_visual(
     ``pretrained`` is an open_clip tag (``openai``), a local checkpoint file, or None for a
     seeded random init. The text tower is dropped: only the image side is needed.
     """
+    model, preprocess = load_clip(name, pretrained, cache_dir=cache_dir, init_seed=init_seed)
+    return model.visual, preprocess
+
+
+def load_clip(
+    name: str, pretrained: str | None, *, cache_dir: str | None, init_seed: int
+) -> tuple[nn.Module, Any]:
+    """The whole open_clip model (image and text towers), frozen, and its preprocessing."""
     import open_clip
 
     register_models()
@@ -110,9 +118,8 @@ def load_visual(
                 "access, put the weights in the hub cache (model.cache_dir) once, or pass a "
                 "local checkpoint file as model.pretrained"
             ) from err
-    visual = model.visual
-    visual.requires_grad_(False).eval()
-    return visual, preprocess
+    model.requires_grad_(False).eval()
+    return model, preprocess
 
 
 class _StopForward(Exception):

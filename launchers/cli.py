@@ -138,6 +138,32 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_zeroshot(args: argparse.Namespace) -> int:
+    from patchsae.analysis.zeroshot import eval_zeroshot
+
+    _log_progress()
+    result = eval_zeroshot(
+        args.run_dir,
+        args.data,
+        classnames=args.classnames,
+        templates=args.templates,
+        tokens=args.tokens,
+        batch_images=args.batch_images,
+        pretrained=args.pretrained,
+        device=args.device,
+        out=args.out,
+        mlflow=not args.no_mlflow,
+    )
+    acc = result["accuracy"]
+    print(
+        f"zero-shot accuracy on {result['images']} images over {len(result['classes'])} classes: "
+        f"CLIP {acc['clip']:.2%}, SAE spliced ({result['tokens']} tokens) {acc['spliced']:.2%}, "
+        f"spliced + error {acc['spliced_error']:.2%} "
+        f"(max logit difference to CLIP {result['max_abs_logit_diff_spliced_error']:.1e})"
+    )
+    return 0
+
+
 def _sync_mlflow(args: argparse.Namespace) -> int:
     from patchsae.trainer.tracking import sync_unsent
 
@@ -256,6 +282,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
     p.set_defaults(func=_report)
+
+    p = sub.add_parser(
+        "eval-zeroshot", help="zero-shot accuracy without and with the SAE spliced into the CLIP"
+    )
+    p.add_argument("run_dir", help="a run folder with sae.safetensors + cfg.json")
+    p.add_argument("--data", required=True, help="labelled shards (brace or glob pattern)")
+    p.add_argument(
+        "--classnames", default=None, help="class names, JSON list or one per line (default: "
+        "classes.json beside the shards)"
+    )  # fmt: skip
+    p.add_argument(
+        "--templates", default="auto", help="openai (80 ImageNet templates), demo, auto "
+        "(demo for the demo CLIP) or a file of templates with {}"
+    )  # fmt: skip
+    p.add_argument("--tokens", default="all", help="tokens to splice: all, cls or patches")
+    p.add_argument("--batch-images", type=int, default=64)
+    p.add_argument("--pretrained", default=None, help="other CLIP weights of the same model")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
+    p.set_defaults(func=_eval_zeroshot)
 
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
     p.add_argument("run_dir")
