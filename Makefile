@@ -41,7 +41,7 @@ $(DEMO_CLIP)/demo_clip.safetensors: | $(DEMO_CLIP_DATA)/classes.json $(DEMO_HELD
 # (DEMO_RUN/analysis/report.html; both also logged to the run's MLflow run).
 train: $(STAMP) $(DEMO_DATA)/classes.json $(DEMO_CLIP)/demo_clip.safetensors
 	$(BIN)/patchsae train --config configs/demo.yaml --set data.urls=$(DEMO_DATA) \
-		--set model.pretrained=$(DEMO_CLIP)/demo_clip.safetensors \
+		--set model.pretrained=$(DEMO_CLIP)/demo_clip.safetensors --set eval.data=$(DEMO_HELDOUT) \
 		--set train.out_dir=$(DEMO_RUN) $(ARGS)
 	$(BIN)/patchsae analyze $(DEMO_RUN) --data $(DEMO_DATA)
 	$(BIN)/patchsae report $(DEMO_RUN)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -316,3 +316,80 @@ def _log_metrics(sae: TrainedSAE, path: Path, result: dict[str, Any]) -> None:
         )  # fmt: skip
     else:
         print(f"logged {path} to MLflow run {run_id} (metrics eval/zeroshot_acc*)")
+
+
+class ZeroShotMonitor:
+    """Zero-shot accuracy of the SAE being trained (``eval`` section of a recipe), without and
+    with it spliced in. The CLIP, the classifier and the CLIP-only accuracy are computed once;
+    each :meth:`evaluate` streams the held-out images again through the blocks and the SAE."""
+
+    def __init__(self, cfg: Any, run_dir: Path, device: torch.device) -> None:
+        from patchsae.data.shards import expand_urls
+
+        self.cfg = cfg.eval
+        urls = expand_urls(self.cfg.data)
+        names = read_class_names(self.cfg.classnames, urls)
+        if names is None:
+            raise AnalysisError(
+                f"eval.data {self.cfg.data} has no classes.json beside it; set eval.classnames"
+            )
+        self.names = names
+        self.prompts = templates_for(self.cfg.templates, cfg.model.name)
+        self.base = TrainedSAE(run_dir, {}, {"config": cfg.to_dict()}, cfg.model)
+        self.device = device
+        self.clip: SplicedCLIP | None = None
+        self.text_CE: Tensor | None = None
+        self.clip_accuracy: float | None = None
+
+    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        assert self.clip is not None
+        seen, limit = 0, self.cfg.max_images
+        for pixels, labels, _ in labelled_batches(
+            self.cfg.data, self.clip.preprocess, self.cfg.batch_images
+        ):
+            if limit is not None and seen + len(labels) > limit:
+                pixels, labels = pixels[: limit - seen], labels[: limit - seen]
+            bad = labels[(labels < 0) | (labels >= len(self.names))]
+            if len(bad):
+                raise AnalysisError(
+                    f"label {int(bad[0])} in eval.data has no class name ({len(self.names)} "
+                    "names); set eval.classnames to names that match the labels"
+                )
+            yield pixels, labels
+            seen += len(labels)
+            if limit is not None and seen >= limit:
+                return
+
+    @torch.no_grad()
+    def evaluate(self, tensors: dict[str, Tensor]) -> dict[str, float]:
+        """``eval/zeroshot_acc`` and ``eval/zeroshot_acc_spliced`` for the SAE ``tensors``
+        (exported form: acting on raw activations)."""
+        sae = replace(self.base, tensors={k: v.detach().float() for k, v in tensors.items()})
+        if self.clip is None:
+            import open_clip
+
+            model, preprocess = load_sae_clip(sae)
+            tokenizer = open_clip.get_tokenizer(sae.model.name)
+            self.clip = SplicedCLIP(sae, model, preprocess, tokenizer, self.device)
+            self.text_CE = self.clip.classifier(self.names, self.prompts)
+        else:
+            self.clip.tensors = sae.to(self.device).tensors
+        assert self.text_CE is not None
+        correct, spliced, total = 0, 0, 0
+        for pixels, labels in self._batches():
+            x = self.clip.hooked(pixels)
+            labels = labels.to(self.text_CE.device)
+            if self.clip_accuracy is None:
+                logits = self.clip.features(x) @ self.text_CE.T
+                correct += int((logits.argmax(-1) == labels).sum())
+            logits = self.clip.features(self.clip.splice(x, self.cfg.tokens)) @ self.text_CE.T
+            spliced += int((logits.argmax(-1) == labels).sum())
+            total += len(labels)
+        if total == 0:
+            raise AnalysisError(f"eval.data {self.cfg.data} holds no labelled images")
+        if self.clip_accuracy is None:
+            self.clip_accuracy = correct / total
+        return {
+            "eval/zeroshot_acc": self.clip_accuracy,
+            "eval/zeroshot_acc_spliced": spliced / total,
+        }

@@ -38,6 +38,7 @@ def small_overrides(shards: Path, out_dir: Path, **extra: object) -> list[str]:
         "train.dead_window_tokens": 4096,
         "train.out_dir": out_dir,
         "train.threads": 1,
+        "eval.every": 0,  # the demo recipe's zero-shot evaluation reads runs/demo-heldout
     }
     values.update(extra)
     return [f"{k}={'null' if v is None else v}" for k, v in values.items()]

@@ -46,10 +46,11 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip):
     out = tmp_path / "demo"
     start = time.monotonic()
     # A hard ceiling, not a benchmark: the demo SAE must fit in 5 minutes on 2 cores.
-    clip, _ = demo_clip
+    clip, record = demo_clip
     run_train(
-        [f"data.urls={shards}", f"train.out_dir={out}", f"model.pretrained={clip}"], timeout=300
-    )
+        [f"data.urls={shards}", f"train.out_dir={out}", f"model.pretrained={clip}",
+         f"eval.data={record['heldout']}"], timeout=300,
+    )  # fmt: skip
     elapsed = time.monotonic() - start
 
     info = read_run_info(out)
@@ -73,6 +74,13 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip):
     assert final["sparsity/dense_frac"] <= 0.05, final
     assert final["quality/fvu"] < 0.35, final
     assert 0 <= final["sparsity/dead_frac"] < 0.1
+
+    # What the SAE costs the CLIP, measured while it trains (eval.every = 100).
+    for key in ("eval/zeroshot_acc", "eval/zeroshot_acc_spliced"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [100, 200, 300, steps], key
+    assert final["eval/zeroshot_acc"] == pytest.approx(record["zeroshot_accuracy"])
+    assert final["eval/zeroshot_acc_spliced"] >= final["eval/zeroshot_acc"] - 0.05, final
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     artifacts |= {

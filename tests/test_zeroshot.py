@@ -159,3 +159,49 @@ def test_bad_input_is_named_with_exit_2(run, demo_shards, tmp_path, extra, match
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert match in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_training_logs_zeroshot_accuracy_every_eval_steps(demo_shards, tmp_path):
+    """``eval.every``: both accuracies in metrics.jsonl and MLflow at every 4th step and the
+    last; the final spliced accuracy is the one eval-zeroshot gives for the exported SAE."""
+    from patchsae.trainer.tracking import read_metrics
+
+    shard = demo_shards / "shard-000000.tar"
+    out = tmp_path / "run"
+    run_train(
+        small_overrides(
+            demo_shards, out, **{"eval.every": 4, "eval.data": shard, "eval.templates": "demo",
+                                 "eval.max_images": None, "train.total_tokens": 10 * 1024}
+        )
+    )  # fmt: skip
+    metrics = read_metrics(out)
+    logged = {
+        step: {
+            key: dict(metrics[key])[step]
+            for key in ("eval/zeroshot_acc", "eval/zeroshot_acc_spliced")
+        }
+        for step, _ in metrics["eval/zeroshot_acc_spliced"]
+    }
+    assert sorted(logged) == [4, 8, 10]
+    info = read_run_info(out)
+    history = MlflowClient(info["tracking_uri"]).get_metric_history(
+        info["run_id"], "eval/zeroshot_acc_spliced"
+    )
+    assert sorted(m.step for m in history) == [4, 8, 10]
+    proc = run_cli(
+        [*python_cmd(1), "-m", "patchsae.launchers.cli", "eval-zeroshot", str(out), "--data",
+         str(shard), "--templates", "demo", "--no-mlflow"]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "eval" / "zeroshot.json").read_text())
+    assert logged[10]["eval/zeroshot_acc_spliced"] == pytest.approx(result["accuracy"]["spliced"])
+    assert logged[10]["eval/zeroshot_acc"] == pytest.approx(result["accuracy"]["clip"])
+
+
+def test_eval_config_is_checked_before_training(tmp_path):
+    from patchsae.trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"eval.data.*needed when eval.every > 0"):
+        load_config(None, ["eval.every=10"])
+    with pytest.raises(ConfigError, match=r"eval.tokens.*unknown value"):
+        load_config(None, ["eval.tokens=middle"])

@@ -215,6 +215,33 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """Zero-shot evaluation while training: what the SAE costs the CLIP, as it trains."""
+
+    every: int = 0
+    """Steps between evaluations (and one at the end); 0: off."""
+    data: str | None = None
+    """Labelled held-out shards (brace or glob pattern), read in order each time."""
+    classnames: str | None = None
+    """Class names, a JSON list or one per line (null: ``classes.json`` beside the shards)."""
+    templates: str = "auto"
+    """``openai`` (the 80 ImageNet templates), ``demo``, ``auto`` or a file of templates."""
+    tokens: str = "all"
+    """Tokens replaced by the SAE's reconstruction: ``all``, ``cls`` or ``patches``."""
+    max_images: int | None = 1000
+    """The first this many images of ``data`` (null: all)."""
+    batch_images: int = 64
+
+    def __post_init__(self) -> None:
+        _positive("eval", self, "max_images", "batch_images")
+        if self.every < 0:
+            _fail("eval.every", "must be >= 0", "use 0 to turn the evaluation off")
+        if self.every and not self.data:
+            _fail("eval.data", "is needed when eval.every > 0", "give labelled held-out shards")
+        _one_of("eval", "tokens", self.tokens, ("all", "cls", "patches"))
+
+
+@dataclass(frozen=True)
 class DistributedConfig:
     strategy: str = "auto"
     """``auto`` (DDP when launched with several ranks), ``single``, ``ddp`` or ``deepspeed``
@@ -279,6 +306,7 @@ class Config:
     sae: SAEConfig = field(default_factory=SAEConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -297,6 +325,7 @@ SECTIONS: dict[str, type] = {
     "sae": SAEConfig,
     "train": TrainConfig,
     "tracking": TrackingConfig,
+    "eval": EvalConfig,
     "distributed": DistributedConfig,
 }
 

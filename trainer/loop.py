@@ -223,6 +223,11 @@ class Trainer:
         )
         if self.ckpt_path is not None:
             self._load(self.ckpt_path)
+        self.monitor = None
+        if cfg.eval.every and self.dist.is_main:
+            from patchsae.analysis.zeroshot import ZeroShotMonitor
+
+            self.monitor = ZeroShotMonitor(cfg, self.run_dir, self.dist.device)
         self.tracker = self._make_tracker()
 
     # -- setup -------------------------------------------------------------------------------
@@ -499,6 +504,23 @@ class Trainer:
             )
         return metrics
 
+    def evaluate(self) -> None:
+        """Zero-shot accuracy without and with the current SAE spliced in, on the main rank (the
+        full weights are gathered on every rank first: a collective under ZeRO-3)."""
+        tensors = self.engine.full_tensors()
+        if self.monitor is None:
+            return
+        start = time.perf_counter()
+        metrics = self.monitor.evaluate(tensors)
+        self.tracker.log_metrics(metrics, step=self.step)
+        log.info(
+            "step %d: zero-shot accuracy %.2f%%, with the SAE spliced in %.2f%% (%.1f s)",
+            self.step,
+            100 * metrics["eval/zeroshot_acc"],
+            100 * metrics["eval/zeroshot_acc_spliced"],
+            time.perf_counter() - start,
+        )
+
     def _check_diverged(self) -> None:
         """Stop after ``train.max_skipped_steps`` non-finite steps in a row (read at log steps,
         so up to ``log_every`` more may pass), with a checkpoint of the current state: skipped
@@ -559,6 +581,9 @@ class Trainer:
                     if self._stop_requested():
                         interrupted = True
                         break
+                every = self.cfg.eval.every
+                if every and (self.step % every == 0 or self.step == total):
+                    self.evaluate()
                 if (
                     cfg.checkpoint_every
                     and self.step % cfg.checkpoint_every == 0
