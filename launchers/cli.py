@@ -164,6 +164,35 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_masking(args: argparse.Namespace) -> int:
+    from patchsae.analysis.masking import DEFAULT_KS, eval_masking
+
+    _log_progress()
+    result = eval_masking(
+        args.run_dir,
+        args.data,
+        analysis=args.analysis,
+        ks=args.k or DEFAULT_KS,
+        templates=args.templates,
+        classnames=args.classnames,
+        seed=args.seed,
+        batch_images=args.batch_images,
+        pretrained=args.pretrained,
+        device=args.device,
+        out=args.out,
+        mlflow=not args.no_mlflow,
+    )
+    print(f"spliced accuracy {result['spliced_accuracy']:.2%} on {result['images']} images")
+    print(f"{'selection':>9} {'mode':>4} " + " ".join(f"{r['k']:>6}" for r in result["rows"]
+          if r["selection"] == "class" and r["mode"] == "on"))  # fmt: skip
+    for selection in ("class", "random", "dataset"):
+        for mode in ("on", "off"):
+            accs = [r["accuracy"] for r in result["rows"]
+                    if r["selection"] == selection and r["mode"] == mode]  # fmt: skip
+            print(f"{selection:>9} {mode:>4} " + " ".join(f"{a:6.1%}" for a in accs))
+    return 0
+
+
 def _sync_mlflow(args: argparse.Namespace) -> int:
     from patchsae.trainer.tracking import sync_unsent
 
@@ -303,6 +332,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
     p.set_defaults(func=_eval_zeroshot)
+
+    p = sub.add_parser(
+        "eval-masking", help="zero-shot accuracy with each class's top-k latents kept or removed"
+    )
+    p.add_argument("run_dir", help="a run folder with sae.safetensors + cfg.json")
+    p.add_argument("--data", required=True, help="the evaluation split (not the analysis's)")
+    p.add_argument(
+        "--analysis", default=None, help="patchsae analyze output of the selection split "
+        "(default RUN_DIR/analysis)"
+    )  # fmt: skip
+    p.add_argument("--k", nargs="+", default=None, help="k values, 'all' for every latent")
+    p.add_argument("--templates", default="auto", help="openai, demo, auto or a file")
+    p.add_argument("--classnames", default=None, help="class names (default: the analysis's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--batch-images", type=int, default=64)
+    p.add_argument("--pretrained", default=None, help="other CLIP weights of the same model")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
+    p.set_defaults(func=_eval_masking)
 
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
     p.add_argument("run_dir")
