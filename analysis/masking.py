@@ -205,7 +205,7 @@ def eval_masking(
     data: str,
     *,
     analysis: str | Path | None = None,
-    ks: list[str] | tuple[str, ...] = DEFAULT_KS,
+    ks: list[str] | tuple[str, ...] | None = None,
     templates: str = "auto",
     classnames: str | None = None,
     seed: int = 0,
@@ -223,6 +223,8 @@ def eval_masking(
     if batch_images < 1:
         raise AnalysisError(f"--batch-images {batch_images}: must be >= 1")
     sae = load_trained(run_dir)
+    if ks is None:  # the default list, up to the SAE's width
+        ks = [k for k in DEFAULT_KS if k == "all" or int(k) < sae.n_latents]
     k_values = parse_ks(ks, sae.n_latents)
     analysis = Path(analysis) if analysis else Path(run_dir) / "analysis"
     stats_path, summary_path = analysis / "latent_stats.safetensors", analysis / "summary.json"

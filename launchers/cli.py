@@ -165,14 +165,14 @@ def _eval_zeroshot(args: argparse.Namespace) -> int:
 
 
 def _eval_masking(args: argparse.Namespace) -> int:
-    from patchsae.analysis.masking import DEFAULT_KS, eval_masking
+    from patchsae.analysis.masking import eval_masking
 
     _log_progress()
     result = eval_masking(
         args.run_dir,
         args.data,
         analysis=args.analysis,
-        ks=args.k or DEFAULT_KS,
+        ks=args.k,
         templates=args.templates,
         classnames=args.classnames,
         seed=args.seed,
@@ -342,7 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--analysis", default=None, help="patchsae analyze output of the selection split "
         "(default RUN_DIR/analysis)"
     )  # fmt: skip
-    p.add_argument("--k", nargs="+", default=None, help="k values, 'all' for every latent")
+    p.add_argument(
+        "--k",
+        nargs="+",
+        default=None,
+        help="k values, 'all' for every latent (default: 1 2 5 10 50 100 500 1000 2000 all, "
+        "up to the SAE's width)",
+    )
     p.add_argument("--templates", default="auto", help="openai, demo, auto or a file")
     p.add_argument("--classnames", default=None, help="class names (default: the analysis's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")

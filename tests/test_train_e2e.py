@@ -108,6 +108,42 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip):
     )
     _demo_latents_are_concepts(out, shards)
     _demo_latents_segment_objects(out, shards, demo_clip[1]["heldout"])
+    _demo_class_latents_carry_their_class(out, shards, demo_clip[1]["heldout"])
+
+
+def _demo_class_latents_carry_their_class(run_dir, shards, heldout) -> None:
+    """Class-level masking on the held-out images, latents chosen on the SAE's training images
+    (no image in both, by shard and key): zeroing a class's own top-50 latents costs that class
+    far more accuracy than zeroing 50 random or 50 dataset-level latents; keeping all latents is
+    the plain splice."""
+    from patchsae.data.shards import expand_urls, iter_samples
+
+    from tests.helpers import python_cmd, run_cli
+
+    def keys(urls):
+        return {(url, s["__key__"]) for url in expand_urls(str(urls)) for s in iter_samples(url)}
+
+    assert not keys(shards) & keys(heldout)
+    out = run_dir / "masking"
+    proc = run_cli(
+        [*python_cmd(1), "-m", "patchsae.launchers.cli", "eval-masking", str(run_dir), "--data",
+         str(heldout), "--k", "10", "50", "all", "--out", str(out)], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "masking.json").read_text())
+    rows = {(r["selection"], r["mode"], r["k"]): r for r in result["rows"]}
+    off = {
+        s: torch.tensor(rows[(s, "off", 50)]["per_class"]) for s in ("class", "random", "dataset")
+    }
+    gap_random = float((off["random"] - off["class"]).mean())
+    gap_dataset = float((off["dataset"] - off["class"]).mean())
+    print(
+        f"demo masking, top-50 off: class {off['class'].mean():.3f}, random "
+        f"{off['random'].mean():.3f}, dataset {off['dataset'].mean():.3f} (spliced "
+        f"{result['spliced_accuracy']:.3f})"
+    )
+    assert gap_random >= 0.4 and gap_dataset >= 0.4, (gap_random, gap_dataset)
+    assert rows[("class", "on", 2048)]["accuracy"] == result["spliced_accuracy"]
 
 
 def _demo_latents_segment_objects(run_dir, shards, heldout) -> None:
