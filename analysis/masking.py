@@ -27,7 +27,12 @@ from typing import Any
 import torch
 from patchsae.analysis.model import AnalysisError, load_trained, read_class_names
 from patchsae.analysis.stats import encode
-from patchsae.analysis.zeroshot import SplicedCLIP, labelled_batches, templates_for
+from patchsae.analysis.zeroshot import (
+    SplicedCLIP,
+    labelled_batches,
+    log_eval_results,
+    templates_for,
+)
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -296,25 +301,6 @@ def _write(out_dir: Path, result: dict[str, Any], png: bytes) -> None:
 
 
 def _log(sae: Any, out_dir: Path, rows: list[dict[str, Any]]) -> None:
-    from patchsae.analysis.analyze import mlflow_target
-
-    run_id, uri = mlflow_target(sae)
-    if not run_id:
-        log.warning("the SAE's run has no MLflow run on record; results stay in %s", out_dir)
-        return
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        for r in rows:
-            client.log_metric(run_id, f"masking/{r['selection']}_{r['mode']}_acc", r["accuracy"],
-                              step=r["k"])  # fmt: skip
-        for name in ("masking.csv", "masking.json", "masking.png"):
-            client.log_artifact(run_id, str(out_dir / name), artifact_path="eval")
-    except Exception as err:  # noqa: BLE001 - tracking never loses the results
-        log.warning(
-            "could not log the masking sweep to MLflow run %s at %s (%s: %s); it is in %s",
-            run_id, uri, type(err).__name__, err, out_dir,
-        )  # fmt: skip
-    else:
-        print(f"logged {out_dir}/masking.* to MLflow run {run_id} (metrics masking/*)")
+    metrics = [(f"masking/{r['selection']}_{r['mode']}_acc", r["accuracy"], r["k"]) for r in rows]
+    files = [out_dir / name for name in ("masking.csv", "masking.json", "masking.png")]
+    log_eval_results(sae, metrics, files, "the masking sweep")

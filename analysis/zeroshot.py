@@ -292,30 +292,42 @@ def _write_json(path: Path, record: dict[str, Any]) -> None:
 
 def _log_metrics(sae: TrainedSAE, path: Path, result: dict[str, Any]) -> None:
     """The accuracies as metrics of the SAE's own MLflow run (at its final step) and the JSON as
-    an artifact under ``eval/``; a tracking failure is a warning, the file stays."""
+    an artifact under ``eval/``."""
+    step = int(sae.cfg_json.get("step") or 0)
+    names = {"clip": "eval/zeroshot_acc", "spliced": "eval/zeroshot_acc_spliced",
+             "spliced_error": "eval/zeroshot_acc_spliced_error"}  # fmt: skip
+    metrics = [(key, result["accuracy"][variant], step) for variant, key in names.items()]
+    log_eval_results(sae, metrics, [path], "the zero-shot results")
+
+
+def log_eval_results(
+    sae: TrainedSAE, metrics: list[tuple[str, float, int]], files: list[Path], what: str
+) -> None:
+    """``(key, value, step)`` metrics and ``files`` (artifacts under ``eval/``) to the SAE's own
+    MLflow run. A tracking failure is a warning: the files stay where they are."""
     from patchsae.analysis.analyze import mlflow_target
 
     run_id, uri = mlflow_target(sae)
     if not run_id:
-        log.warning("the SAE's run has no MLflow run on record; results stay in %s", path)
+        log.warning(
+            "the SAE's run has no MLflow run on record; %s stay in %s", what, files[0].parent
+        )
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri)
-    step = int(sae.cfg_json.get("step") or 0)
-    names = {"clip": "eval/zeroshot_acc", "spliced": "eval/zeroshot_acc_spliced",
-             "spliced_error": "eval/zeroshot_acc_spliced_error"}  # fmt: skip
     try:
-        for variant, key in names.items():
-            client.log_metric(run_id, key, result["accuracy"][variant], step=step)
-        client.log_artifact(run_id, str(path), artifact_path="eval")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        for key, value, step in metrics:
+            client.log_metric(run_id, key, value, step=step)
+        for path in files:
+            client.log_artifact(run_id, str(path), artifact_path="eval")
     except Exception as err:  # noqa: BLE001 - tracking never loses the results
         log.warning(
-            "could not log the zero-shot results to MLflow run %s at %s (%s: %s); they are in %s",
-            run_id, uri, type(err).__name__, err, path,
+            "could not log %s to MLflow run %s at %s (%s: %s); they are in %s",
+            what, run_id, uri, type(err).__name__, err, files[0].parent,
         )  # fmt: skip
     else:
-        print(f"logged {path} to MLflow run {run_id} (metrics eval/zeroshot_acc*)")
+        print(f"logged {what} to MLflow run {run_id} ({len(metrics)} metrics, artifacts eval/)")
 
 
 class ZeroShotMonitor:
