@@ -130,7 +130,46 @@ def check_disjoint(selection_data: str, evaluation_data: str) -> None:
         )
 
 
+def class_ranks(order: dict[str, Tensor], device: torch.device) -> Tensor:
+    """``[S, C, F]``: the position of latent j in class c's order under each selection."""
+    return torch.stack([torch.argsort(order[s], dim=-1) for s in SELECTIONS]).to(device)
+
+
 @torch.no_grad()
+def sweep_batch(
+    clip: SplicedCLIP,
+    text_CE: Tensor,
+    rank_SCF: Tensor,
+    ks: list[int],
+    pixels: Tensor,
+    labels: Tensor,
+    table: MaskingTable,
+) -> None:
+    """One batch of every (selection, mode, k), added to ``table``: the ViT to the hook and the
+    SAE encode once, then per variant only the masked decode and the blocks after the hook."""
+    t = clip.tensors
+    x_BTD = clip.hooked(pixels)
+    B, T, D = x_BTD.shape
+    F = t["W_enc"].shape[1]
+    codes_BTF = encode(x_BTD.reshape(-1, D), t).reshape(B, T, F)
+    labels_dev = labels.to(clip.device)
+    table.total_C += torch.bincount(labels, minlength=table.n_classes)
+
+    def hits(mask_BF: Tensor) -> Tensor:
+        recon = (codes_BTF * mask_BF[:, None, :]) @ t["W_dec"] + t["b_dec"]
+        logits = clip.features(recon.to(x_BTD.dtype)) @ text_CE.T
+        return (logits.argmax(-1) == labels_dev).long().cpu()
+
+    table.spliced_correct_C.index_add_(0, labels, hits(torch.ones(B, F, device=clip.device)))
+    for s in range(len(SELECTIONS)):
+        rank_BF = rank_SCF[s][labels_dev]
+        for i, k in enumerate(ks):
+            chosen = (rank_BF < k).to(codes_BTF.dtype)
+            for m, mode in enumerate(MODES):
+                got = hits(chosen if mode == "on" else 1 - chosen)
+                table.correct[s, m, i].index_add_(0, labels, got)
+
+
 def sweep(
     clip: SplicedCLIP,
     text_CE: Tensor,
@@ -140,11 +179,9 @@ def sweep(
     batch_images: int,
 ) -> MaskingTable:
     """Every (selection, mode, k) over the labelled images of ``data``."""
-    C, F = order["class"].shape
+    C = order["class"].shape[0]
     table = MaskingTable(ks, C)
-    t = clip.tensors
-    # rank_SCF[s, c, j] = position of latent j in class c's order under selection s.
-    rank_SCF = torch.stack([torch.argsort(order[s], dim=-1) for s in SELECTIONS]).to(clip.device)
+    rank_SCF = class_ranks(order, clip.device)
     for pixels, labels, _ in labelled_batches(data, clip.preprocess, batch_images):
         bad = labels[(labels < 0) | (labels >= C)]
         if len(bad):
@@ -152,25 +189,7 @@ def sweep(
                 f"label {int(bad[0])} in {data} has no class in the analysis ({C} classes); "
                 "evaluate on a split labelled like the selection split"
             )
-        x_BTD = clip.hooked(pixels)
-        B, T, D = x_BTD.shape
-        codes_BTF = encode(x_BTD.reshape(-1, D), t).reshape(B, T, F)
-        labels_dev = labels.to(clip.device)
-        table.total_C += torch.bincount(labels, minlength=C)
-
-        def hits(mask_BF: Tensor, codes=codes_BTF, labels=labels_dev, dtype=x_BTD.dtype) -> Tensor:
-            recon = (codes * mask_BF[:, None, :]) @ t["W_dec"] + t["b_dec"]
-            logits = clip.features(recon.to(dtype)) @ text_CE.T
-            return (logits.argmax(-1) == labels).long().cpu()
-
-        table.spliced_correct_C.index_add_(0, labels, hits(torch.ones(B, F, device=clip.device)))
-        for s in range(len(SELECTIONS)):
-            rank_BF = rank_SCF[s][labels_dev]
-            for i, k in enumerate(ks):
-                chosen = (rank_BF < k).to(codes_BTF.dtype)
-                for m, mode in enumerate(MODES):
-                    got = hits(chosen if mode == "on" else 1 - chosen)
-                    table.correct[s, m, i].index_add_(0, labels, got)
+        sweep_batch(clip, text_CE, rank_SCF, ks, pixels, labels, table)
     if int(table.total_C.sum()) == 0:
         raise AnalysisError(f"no labelled images in {data}; check the URLs")
     return table
