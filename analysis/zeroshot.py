@@ -378,11 +378,7 @@ class ZeroShotMonitor:
         (exported form: acting on raw activations)."""
         sae = replace(self.base, tensors={k: v.detach().float() for k, v in tensors.items()})
         if self.clip is None:
-            import open_clip
-
-            model, preprocess = load_sae_clip(sae)
-            tokenizer = open_clip.get_tokenizer(sae.model.name)
-            self.clip = SplicedCLIP(sae, model, preprocess, tokenizer, self.device)
+            self.clip = SplicedCLIP.load(sae, device=str(self.device))
             self.text_CE = self.clip.classifier(self.names, self.prompts)
         else:
             self.clip.tensors = sae.to(self.device).tensors
