@@ -8,6 +8,9 @@ DEMO_CLIP_DATA ?= runs/demo-clip-data
 DEMO_HELDOUT ?= runs/demo-heldout
 DEMO_CLIP ?= runs/demo-clip
 DEMO_RUN ?= runs/demo
+DEMO_SKETCH ?= runs/demo-sketch
+DEMO_SKETCH_HELDOUT ?= runs/demo-sketch-heldout
+DEMO_ADAPTED ?= runs/demo-clip-sketch
 # Nothing downloads at run time; Triton runs in its interpreter on CPU hosts.
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
@@ -37,14 +40,32 @@ $(DEMO_HELDOUT)/classes.json: | $(STAMP)
 $(DEMO_CLIP)/demo_clip.safetensors: | $(DEMO_CLIP_DATA)/classes.json $(DEMO_HELDOUT)/classes.json
 	$(BIN)/patchsae make-demo-clip --data $(DEMO_CLIP_DATA) --heldout $(DEMO_HELDOUT) --out $(DEMO_CLIP)
 
+# The adapted demo CLIP: the demo CLIP fine-tuned briefly on greyscale sketches of the classes,
+# a domain the base model names poorly.
+$(DEMO_SKETCH)/classes.json: | $(STAMP)
+	$(BIN)/patchsae make-demo-data --out $(DEMO_SKETCH) --style sketch --n-images 1000 --seed 3
+
+$(DEMO_SKETCH_HELDOUT)/classes.json: | $(STAMP)
+	$(BIN)/patchsae make-demo-data --out $(DEMO_SKETCH_HELDOUT) --style sketch --n-images 400 --seed 4
+
+$(DEMO_ADAPTED)/demo_clip.safetensors: $(DEMO_CLIP)/demo_clip.safetensors | $(DEMO_SKETCH)/classes.json $(DEMO_SKETCH_HELDOUT)/classes.json
+	$(BIN)/patchsae make-demo-clip --init $(DEMO_CLIP)/demo_clip.safetensors --data $(DEMO_SKETCH) \
+		--heldout $(DEMO_SKETCH_HELDOUT) --out $(DEMO_ADAPTED)
+
 # Train the demo SAE, then analyse its latents on the demo images and write the latent report
-# (DEMO_RUN/analysis/report.html; both also logged to the run's MLflow run).
-train: $(STAMP) $(DEMO_DATA)/classes.json $(DEMO_CLIP)/demo_clip.safetensors
+# (DEMO_RUN/analysis/report.html), and compare the base and the adapted CLIP under the SAE on
+# the sketches (DEMO_RUN/compare); all of it also logged to the run's MLflow run.
+train: $(STAMP) $(DEMO_DATA)/classes.json $(DEMO_CLIP)/demo_clip.safetensors $(DEMO_ADAPTED)/demo_clip.safetensors
 	$(BIN)/patchsae train --config configs/demo.yaml --set data.urls=$(DEMO_DATA) \
 		--set model.pretrained=$(DEMO_CLIP)/demo_clip.safetensors --set eval.data=$(DEMO_HELDOUT) \
 		--set train.out_dir=$(DEMO_RUN) $(ARGS)
 	$(BIN)/patchsae analyze $(DEMO_RUN) --data $(DEMO_DATA)
 	$(BIN)/patchsae report $(DEMO_RUN)
+	$(BIN)/patchsae analyze $(DEMO_RUN) --data $(DEMO_SKETCH) --out $(DEMO_RUN)/analysis-sketch
+	$(BIN)/patchsae analyze $(DEMO_RUN) --data $(DEMO_SKETCH) \
+		--pretrained $(DEMO_ADAPTED)/demo_clip.safetensors --out $(DEMO_RUN)/analysis-sketch-adapted
+	$(BIN)/patchsae compare $(DEMO_RUN) --base $(DEMO_RUN)/analysis-sketch \
+		--adapted $(DEMO_RUN)/analysis-sketch-adapted --data $(DEMO_SKETCH_HELDOUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

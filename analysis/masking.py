@@ -73,28 +73,33 @@ def ranked_latents(counts_CF: Tensor, dataset_F: Tensor, seed: int) -> dict[str,
     gen = torch.Generator().manual_seed(seed)
     return {
         "class": order(counts_CF),
-        "dataset": order(dataset_F).expand(C, F).clone(),
         "random": torch.stack([torch.randperm(F, generator=gen) for _ in range(C)]),
+        "dataset": order(dataset_F).expand(C, F).clone(),
     }
 
 
 @dataclass
 class MaskingTable:
-    """Correct and total counts per (selection, mode, k) and class."""
+    """Correct and total counts per (selection, mode, k) and class, and those of the unmasked
+    spliced model and of the CLIP without the SAE."""
 
     ks: list[int]
     n_classes: int
+    selections: tuple[str, ...] = SELECTIONS
 
     def __post_init__(self) -> None:
-        shape = (len(SELECTIONS), len(MODES), len(self.ks), self.n_classes)
+        shape = (len(self.selections), len(MODES), len(self.ks), self.n_classes)
         self.correct = torch.zeros(shape, dtype=torch.int64)
         self.total_C = torch.zeros(self.n_classes, dtype=torch.int64)
         self.spliced_correct_C = torch.zeros(self.n_classes, dtype=torch.int64)
+        self.clip_correct_C = torch.zeros(self.n_classes, dtype=torch.int64)
+
+    def accuracy(self, correct_C: Tensor) -> float:
+        return float(correct_C.sum()) / max(int(self.total_C.sum()), 1)
 
     def rows(self) -> list[dict[str, Any]]:
-        total = max(int(self.total_C.sum()), 1)
         out = []
-        for s, selection in enumerate(SELECTIONS):
+        for s, selection in enumerate(self.selections):
             for m, mode in enumerate(MODES):
                 for i, k in enumerate(self.ks):
                     correct = self.correct[s, m, i]
@@ -103,7 +108,7 @@ class MaskingTable:
                             "selection": selection,
                             "mode": mode,
                             "k": k,
-                            "accuracy": float(correct.sum()) / total,
+                            "accuracy": self.accuracy(correct),
                             "per_class": [
                                 float(c) / int(t) if int(t) else None
                                 for c, t in zip(correct, self.total_C, strict=True)
@@ -131,8 +136,9 @@ def check_disjoint(selection_data: str, evaluation_data: str) -> None:
 
 
 def class_ranks(order: dict[str, Tensor], device: torch.device) -> Tensor:
-    """``[S, C, F]``: the position of latent j in class c's order under each selection."""
-    return torch.stack([torch.argsort(order[s], dim=-1) for s in SELECTIONS]).to(device)
+    """``[S, C, F]``: the position of latent j in class c's order under each selection (in the
+    order of ``order``'s keys)."""
+    return torch.stack([torch.argsort(ranked, dim=-1) for ranked in order.values()]).to(device)
 
 
 @torch.no_grad()
@@ -160,8 +166,10 @@ def sweep_batch(
         logits = clip.features(recon.to(x_BTD.dtype)) @ text_CE.T
         return (logits.argmax(-1) == labels_dev).long().cpu()
 
+    plain = clip.features(x_BTD) @ text_CE.T
+    table.clip_correct_C.index_add_(0, labels, (plain.argmax(-1) == labels_dev).long().cpu())
     table.spliced_correct_C.index_add_(0, labels, hits(torch.ones(B, F, device=clip.device)))
-    for s in range(len(SELECTIONS)):
+    for s in range(len(table.selections)):
         rank_BF = rank_SCF[s][labels_dev]
         for i, k in enumerate(ks):
             chosen = (rank_BF < k).to(codes_BTF.dtype)
@@ -178,9 +186,10 @@ def sweep(
     data: str,
     batch_images: int,
 ) -> MaskingTable:
-    """Every (selection, mode, k) over the labelled images of ``data``."""
-    C = order["class"].shape[0]
-    table = MaskingTable(ks, C)
+    """Every (selection, mode, k) over the labelled images of ``data``; ``order`` maps each
+    selection's name to its ``[C, F]`` latent order (:func:`ranked_latents`)."""
+    C = next(iter(order.values())).shape[0]
+    table = MaskingTable(ks, C, tuple(order))
     rank_SCF = class_ranks(order, clip.device)
     for pixels, labels, _ in labelled_batches(data, clip.preprocess, batch_images):
         bad = labels[(labels < 0) | (labels >= C)]
@@ -195,7 +204,7 @@ def sweep(
     return table
 
 
-def plot_png(rows: list[dict[str, Any]], spliced: float) -> bytes:
+def plot_png(rows: list[dict[str, Any]], spliced: float, title: str | None = None) -> bytes:
     """Accuracy against k (log scale), one line per selection and mode."""
     import matplotlib
 
@@ -204,8 +213,11 @@ def plot_png(rows: list[dict[str, Any]], spliced: float) -> bytes:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     styles = {"on": "-", "off": "--"}
-    colours = {"class": "tab:red", "random": "tab:grey", "dataset": "tab:blue"}
-    for selection in SELECTIONS:
+    known = {"class": "tab:red", "random": "tab:grey", "dataset": "tab:blue"}
+    selections = list(dict.fromkeys(r["selection"] for r in rows))
+    others = iter(["tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive"])
+    colours = {s: known.get(s) or next(others, "black") for s in selections}
+    for selection in selections:
         for mode in MODES:
             points = [(r["k"], r["accuracy"]) for r in rows
                       if r["selection"] == selection and r["mode"] == mode]  # fmt: skip
@@ -216,6 +228,8 @@ def plot_png(rows: list[dict[str, Any]], spliced: float) -> bytes:
     ax.set_xlabel("k (latents per class)")
     ax.set_ylabel("zero-shot accuracy")
     ax.set_ylim(-0.02, 1.02)
+    if title:
+        ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -284,7 +298,7 @@ def eval_masking(
     order = ranked_latents(counts_CF, stats["dataset_counts_F"], seed)
     table = sweep(clip, text_CE, order, k_values, data, batch_images)
     rows = table.rows()
-    spliced = float(table.spliced_correct_C.sum()) / int(table.total_C.sum())
+    spliced = table.accuracy(table.spliced_correct_C)
     result = {
         "run_dir": str(run_dir),
         "data": data,
@@ -292,6 +306,7 @@ def eval_masking(
         "images": int(table.total_C.sum()),
         "classes": names,
         "seed": seed,
+        "clip_accuracy": table.accuracy(table.clip_correct_C),
         "spliced_accuracy": spliced,
         "rows": rows,
     }

@@ -301,10 +301,14 @@ def _log_metrics(sae: TrainedSAE, path: Path, result: dict[str, Any]) -> None:
 
 
 def log_eval_results(
-    sae: TrainedSAE, metrics: list[tuple[str, float, int]], files: list[Path], what: str
+    sae: TrainedSAE,
+    metrics: list[tuple[str, float, int]],
+    files: list[Path],
+    what: str,
+    artifact_path: str = "eval",
 ) -> None:
-    """``(key, value, step)`` metrics and ``files`` (artifacts under ``eval/``) to the SAE's own
-    MLflow run. A tracking failure is a warning: the files stay where they are."""
+    """``(key, value, step)`` metrics and ``files`` (artifacts under ``artifact_path``) to the
+    SAE's own MLflow run. A tracking failure is a warning: the files stay where they are."""
     from patchsae.analysis.analyze import mlflow_target
 
     run_id, uri = mlflow_target(sae)
@@ -320,14 +324,17 @@ def log_eval_results(
         for key, value, step in metrics:
             client.log_metric(run_id, key, value, step=step)
         for path in files:
-            client.log_artifact(run_id, str(path), artifact_path="eval")
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
     except Exception as err:  # noqa: BLE001 - tracking never loses the results
         log.warning(
             "could not log %s to MLflow run %s at %s (%s: %s); they are in %s",
             what, run_id, uri, type(err).__name__, err, files[0].parent,
         )  # fmt: skip
     else:
-        print(f"logged {what} to MLflow run {run_id} ({len(metrics)} metrics, artifacts eval/)")
+        print(
+            f"logged {what} to MLflow run {run_id} ({len(metrics)} metrics, artifacts "
+            f"{artifact_path}/)"
+        )
 
 
 class ZeroShotMonitor:

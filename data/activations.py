@@ -113,6 +113,12 @@ def load_clip(
                 name, pretrained=pretrained, cache_dir=cache_dir
             )
         except (RuntimeError, OSError, ValueError) as err:
+            mismatch = _architecture_mismatch(name, pretrained)
+            if mismatch:
+                raise ModelError(
+                    f"{pretrained} is not a checkpoint of {name}: {mismatch}; pass weights of "
+                    f"the same architecture ({name}), e.g. a fine-tuned copy of its CLIP"
+                ) from err
             raise ModelError(
                 f"could not load weights {pretrained!r} for {name}: {err}. Without network "
                 "access, put the weights in the hub cache (model.cache_dir) once, or pass a "
@@ -120,6 +126,28 @@ def load_clip(
             ) from err
     model.requires_grad_(False).eval()
     return model, preprocess
+
+
+def _architecture_mismatch(name: str, pretrained: str | None) -> str | None:
+    """Where the local checkpoint ``pretrained`` disagrees with the tensors of ``name``: a
+    missing or unexpected key, or a shape; None when it matches or cannot be read."""
+    import open_clip
+    from open_clip.factory import load_state_dict
+
+    if pretrained is None or not Path(pretrained).is_file():
+        return None
+    try:
+        state = load_state_dict(pretrained)
+    except Exception:  # unreadable: the caller's message says so
+        return None
+    expected = {k: tuple(v.shape) for k, v in open_clip.create_model(name).state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            return f"it has no tensor {key!r}"
+        if tuple(state[key].shape) != shape:
+            return f"{key!r} is {list(state[key].shape)} there but {list(shape)} in {name}"
+    extra = sorted(set(state) - set(expected))
+    return f"it has tensors {name} lacks, e.g. {extra[0]!r}" if extra else None
 
 
 class _StopForward(Exception):

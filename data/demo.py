@@ -13,6 +13,14 @@ Two splits (``split``):
   that a CLIP trained on the captions learns attributes rather than 8 fixed triples. ``.cls`` is
   the class index where the triple is one of the classes, else -1.
 
+Two styles (``style``), for comparing a base and an adapted model on a shifted domain:
+
+- ``photo``: the shape in its colour and texture on a coloured background (everything above).
+- ``sketch``: the same shapes, positions and textures as a greyscale pencil drawing: a dark
+  outline, the texture in grey inside it, light paper around. Colour, one of the three cues of
+  every class name, is gone; shape and texture remain, so a model can still learn to name the
+  classes (the demo's adapted CLIP is fine-tuned on sketches).
+
 Layout of ``out``::
 
     shard-000000.tar   samples (keys "000000", "000001", ...):
@@ -75,6 +83,7 @@ CLASSES: tuple[DemoClass, ...] = (
 SHAPES: tuple[str, ...] = tuple(c.shape for c in CLASSES)
 TEXTURES: tuple[str, ...] = ("striped", "dotted", "solid", "checkered")
 SPLITS = ("classes", "attributes")
+STYLES = ("photo", "sketch")
 BACKGROUND_WORDS = {"plain": "plain", "gradient": "gradient", "clouds": "cloudy"}
 """How a caption names each background kind."""
 
@@ -191,12 +200,23 @@ def caption(meta: dict) -> str:
     return f"a {meta['colour']} {meta['texture']} {meta['shape']} on a {background} background"
 
 
+def _paper(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A sketch's background: light, slightly uneven grey paper, float [size, size, 3]."""
+    tone = rng.uniform(225, 250)
+    coarse = rng.normal(0, 6, (4, 4)).astype(np.float32)
+    smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    return np.broadcast_to((tone + smooth)[..., None], (size, size, 3)).copy()
+
+
 def _draw_sample(
-    rng: np.random.Generator, cls: DemoClass, label: int, size: int
+    rng: np.random.Generator, cls: DemoClass, label: int, size: int, style: str = "photo"
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """Draw one image of ``cls``; returns (uint8 RGB [size, size, 3], uint8 mask [size, size]
     with 255 on the object, metadata)."""
-    bg_kind, image = _background(rng, size)
+    if style == "sketch":
+        bg_kind, image = "plain", _paper(rng, size)
+    else:
+        bg_kind, image = _background(rng, size)
 
     # Shape radius as a fraction of the image side: objects span 5 to 7 patches of the demo ViT, so
     # most of an object's patches lie inside it rather than on its outline.
@@ -226,9 +246,20 @@ def _draw_sample(
     # same texture statistics, so a patch's features name the object rather than the phase of a
     # stripe under it (coarser textures split each object into per-phase SAE latents).
     period = max(2.0, 4.0 * size / 64)
-    fg = _texture(cls.texture, colour, u, v, period)
+    if style == "sketch":  # the texture in grey, shaded like pencil, under a dark outline
+        fg = _texture(cls.texture, np.full(3, rng.uniform(150, 175)), u, v, period)
+    else:
+        fg = _texture(cls.texture, colour, u, v, period)
 
     image = image * (1 - mask) + fg * mask
+    if style == "sketch":
+        outline = Image.new("L", (size, size), 0)
+        width = max(1, round(size / 32))
+        ImageDraw.Draw(outline).line(
+            [(float(x), float(y)) for x, y in np.vstack([pts, pts[:1]])], fill=255, width=width
+        )
+        line = np.asarray(outline, dtype=np.float64)[..., None] / 255.0
+        image = image * (1 - line) + rng.uniform(30, 60) * line
     # A little sensor-like noise everywhere, so no two images share exact pixel values.
     image = image + rng.normal(0, 3, image.shape)
     pixels = np.clip(np.rint(image), 0, 255).astype(np.uint8)
@@ -243,6 +274,7 @@ def _draw_sample(
         "scale": round(scale, 4),
         "rotation": round(angle, 4),
         "background": bg_kind,
+        "style": style,
     }
     return pixels, np.asarray(mask_img, dtype=np.uint8), meta
 
@@ -272,12 +304,14 @@ def make_demo_data(
     images_per_shard: int = 250,
     seed: int = 0,
     split: str = "classes",
+    style: str = "photo",
 ) -> Path:
     """Write the demo dataset to ``out`` and return ``out`` as a Path.
 
     ``split="classes"``: labels are balanced exactly (``n_images // len(CLASSES)`` per class,
     the remainder spread over the first classes) and shuffled. ``split="attributes"``: every
-    attribute drawn independently and uniformly (see the module docstring). Shards are written to ``*.tar.tmp`` and renamed into
+    attribute drawn independently and uniformly (see the module docstring). ``style``: ``photo``
+    or ``sketch`` (see the module docstring). Shards are written to ``*.tar.tmp`` and renamed into
     place, ``classes.json`` is removed first and written last, and shards left over from an
     earlier, larger run (``shard-NNNNNN.tar`` beyond the new count) are deleted, so a reader
     never mixes two generations.
@@ -289,6 +323,8 @@ def make_demo_data(
         )
     if split not in SPLITS:
         raise ValueError(f"unknown demo split {split!r}; use one of {list(SPLITS)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown demo style {style!r}; use one of {list(STYLES)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     classes_path = out / "classes.json"
@@ -307,7 +343,7 @@ def make_demo_data(
             start = shard * images_per_shard
             for index in range(start, min(start + images_per_shard, n_images)):
                 cls, label = _attributes(rng, split, int(labels[index]))
-                pixels, mask, meta = _draw_sample(rng, cls, label, image_size)
+                pixels, mask, meta = _draw_sample(rng, cls, label, image_size, style)
                 writer.write(
                     {
                         "__key__": f"{index:06d}",

@@ -12,6 +12,11 @@ Output folder::
                             local ``pretrained`` file (``model.pretrained`` in a recipe)
     demo_clip.json          what was trained on what (model, data, steps, seed, accuracy)
 
+With ``init`` (``--init`` on the command line) it fine-tunes an existing demo CLIP instead of
+training one from scratch: the demo's *adapted* CLIP is the base one fine-tuned briefly on the
+``sketch`` style, a domain the base model names poorly, so that a comparison of the two under
+one SAE has something to show.
+
 Everything is seeded; on one machine with the same thread count, the same command gives the
 same weights.
 """
@@ -30,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from patchsae.data.activations import DEMO_MODEL, register_models
+from patchsae.data.activations import DEMO_MODEL, load_clip, register_models
 from patchsae.data.demo import BACKGROUND_WORDS, CLASSES
 from PIL import Image
 from torch import Tensor
@@ -55,6 +60,11 @@ class DemoClipConfig:
     seed: int = 0
     threads: int = 2
     """torch CPU threads (fixed, so that the result is the same on every run)."""
+
+
+FINETUNE = DemoClipConfig(steps=150, lr=5e-4, warmup_steps=10)
+"""The settings of a fine-tuning (``init`` given): shorter, gentler, a brief warm-up. On the
+demo's 1,000 sketches it takes the base CLIP from 36% to 86% zero-shot on held-out sketches."""
 
 
 def _read_split(urls: str | Path) -> tuple[Tensor, list[str], Tensor]:
@@ -162,10 +172,12 @@ def train_demo_clip(
     *,
     heldout: str | Path | None = None,
     cfg: DemoClipConfig = DemoClipConfig(),
+    init: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train the demo CLIP on the captioned shards ``data`` and write it to ``out``; returns
-    the record written beside the weights (with the zero-shot accuracy on ``heldout``, a
-    ``classes`` split, when given)."""
+    """Train the demo CLIP on the captioned shards ``data`` (from scratch, or fine-tuning the
+    demo CLIP weights ``init``) and write it to ``out``; returns the record written beside the
+    weights (with the zero-shot accuracy on ``heldout``, a ``classes`` split, when given, and
+    that of ``init`` before fine-tuning)."""
     import open_clip
     from patchsae.trainer.checkpoint import atomic_write
     from safetensors.torch import save_file
@@ -177,9 +189,16 @@ def train_demo_clip(
     try:
         images, captions, _ = _read_split(data)
         tokenizer = open_clip.get_tokenizer(DEMO_MODEL)
+        held = _read_split(heldout) if heldout is not None else None
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            model = open_clip.create_model(DEMO_MODEL)
+            if init is None:
+                model = open_clip.create_model(DEMO_MODEL)
+            else:
+                model, _ = load_clip(DEMO_MODEL, str(init), cache_dir=None, init_seed=cfg.seed)
+                model.requires_grad_(True)
+                if held is not None:
+                    base_accuracy = zero_shot_accuracy(model, tokenizer, held[0], held[2])
             losses = _fit(model, images, tokenizer(captions), cfg)
         record: dict[str, Any] = {
             "model": DEMO_MODEL,
@@ -189,12 +208,13 @@ def train_demo_clip(
             "final_loss": float(np.mean(losses[-50:])),
             "train_seconds": round(time.perf_counter() - start, 1),
         }
-        if heldout is not None:
-            held_images, _, held_labels = _read_split(heldout)
+        if init is not None:
+            record["init"] = str(init)
+        if held is not None:
             record["heldout"] = str(heldout)
-            record["zeroshot_accuracy"] = zero_shot_accuracy(
-                model, tokenizer, held_images, held_labels
-            )
+            record["zeroshot_accuracy"] = zero_shot_accuracy(model, tokenizer, held[0], held[2])
+            if init is not None:
+                record["init_zeroshot_accuracy"] = base_accuracy
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

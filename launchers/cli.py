@@ -53,28 +53,27 @@ def _train(args: argparse.Namespace) -> int:
 def _make_demo_data(args: argparse.Namespace) -> int:
     from patchsae.data.demo import make_demo_data
 
-    out = make_demo_data(args.out, n_images=args.n_images, seed=args.seed, split=args.split)
+    out = make_demo_data(
+        args.out, n_images=args.n_images, seed=args.seed, split=args.split, style=args.style
+    )
     print(f"demo shards written to {out}")
     return 0
 
 
 def _make_demo_clip(args: argparse.Namespace) -> int:
-    from patchsae.data.demo_clip import DemoClipConfig, train_demo_clip
+    from patchsae.data.demo_clip import FINETUNE, DemoClipConfig, train_demo_clip
 
     _log_progress()
-    cfg = DemoClipConfig(seed=args.seed)
-    if args.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=args.steps)
-    record = train_demo_clip(args.data, args.out, heldout=args.heldout, cfg=cfg)
-    accuracy = record.get("zeroshot_accuracy")
-    print(
-        f"demo CLIP written to {args.out} in {record['train_seconds']:.0f} s"
-        + (
-            f"; zero-shot accuracy on {args.heldout}: {accuracy:.1%}"
-            if accuracy is not None
-            else ""
-        )
-    )
+    cfg = dataclasses.replace(FINETUNE if args.init else DemoClipConfig(), seed=args.seed)
+    given = {"steps": args.steps, "lr": args.lr, "warmup_steps": args.warmup_steps}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if v is not None})
+    record = train_demo_clip(args.data, args.out, heldout=args.heldout, cfg=cfg, init=args.init)
+    message = f"demo CLIP written to {args.out} in {record['train_seconds']:.0f} s"
+    if "zeroshot_accuracy" in record:
+        message += f"; zero-shot accuracy on {args.heldout}: {record['zeroshot_accuracy']:.1%}"
+    if "init_zeroshot_accuracy" in record:
+        message += f" (before fine-tuning: {record['init_zeroshot_accuracy']:.1%})"
+    print(message)
     return 0
 
 
@@ -193,6 +192,53 @@ def _eval_masking(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from patchsae.analysis.adaptation import STATUSES, compare_models
+
+    _log_progress()
+    result = compare_models(
+        args.run_dir,
+        args.base,
+        args.adapted,
+        top=args.top,
+        data=args.data,
+        ks=args.k,
+        templates=args.templates,
+        seed=args.seed,
+        batch_images=args.batch_images,
+        device=args.device,
+        out=args.out,
+        mlflow=not args.no_mlflow,
+    )
+    print(f"top {result['top']} latents per class, base -> adapted:")
+    for row in result["per_class"]:
+        sizes = "  ".join(f"{s} {len(row[s]):3d}" for s in STATUSES)
+        print(f"  {row['class']:<28} {sizes}  overlap {row['overlap']:.0%}")
+    for model, acc in result.get("accuracy", {}).items():
+        print(
+            f"{model:>8} model on {result['data']}: zero-shot {acc['clip']:.1%}, "
+            f"spliced {acc['spliced']:.1%}"
+        )
+    print(f"written to {args.out or Path(args.run_dir) / 'compare'}")
+    return 0
+
+
+def _explore(args: argparse.Namespace) -> int:
+    from patchsae.analysis.explore import explore
+
+    _log_progress()
+    explore(
+        args.run_dir,
+        analysis=args.analysis,
+        adapted=args.adapted,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        top=args.top,
+    )
+    return 0
+
+
 def _sync_mlflow(args: argparse.Namespace) -> int:
     from patchsae.trainer.tracking import sync_unsent
 
@@ -236,16 +282,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="classes: the 8 labelled classes, balanced; attributes: shape, colour and texture "
         "drawn independently (captioned images for training the demo CLIP)",
     )
+    p.add_argument(
+        "--style",
+        choices=("photo", "sketch"),
+        default="photo",
+        help="photo: coloured shapes on coloured backgrounds; sketch: the same shapes as greyscale "
+        "outline drawings (the shifted domain of the base-vs-adapted demo)",
+    )
     p.set_defaults(func=_make_demo_data)
 
     p = sub.add_parser(
         "make-demo-clip", help="train the demo CLIP on captioned demo images (make-demo-data)"
     )
-    p.add_argument("--data", required=True, help="shards of the attributes split (captioned)")
+    p.add_argument("--data", required=True, help="captioned shards (the attributes split)")
     p.add_argument("--out", required=True, help="output folder (demo_clip.safetensors)")
     p.add_argument("--heldout", default=None, help="a classes split to report zero-shot accuracy")
     p.add_argument(
-        "--steps", type=int, default=None, help="optimiser steps (default: DemoClipConfig.steps)"
+        "--init", default=None, help="demo CLIP weights to fine-tune instead of training anew"
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="optimiser steps (default 200; 150 with --init)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default 2e-3; 5e-4 with --init)"
+    )
+    p.add_argument(
+        "--warmup-steps", type=int, default=None, help="linear warm-up (default 50; 10 with --init)"
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_demo_clip)
@@ -358,6 +420,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
     p.set_defaults(func=_eval_masking)
+
+    p = sub.add_parser(
+        "compare",
+        help="base vs adapted CLIP under one SAE: per-class shared, gained and lost latents",
+        description="Compares two `patchsae analyze` outputs of the same SAE over the same "
+        "images, one per model (the adapted one made with --pretrained). With --data, also "
+        "both models' zero-shot accuracy and cross-model class top-k masking on that split.",
+    )
+    p.add_argument("run_dir", help="a run folder with sae.safetensors + cfg.json")
+    p.add_argument("--base", required=True, help="analysis with the base CLIP (analyze --out)")
+    p.add_argument(
+        "--adapted", required=True, help="analysis with the adapted weights (analyze --pretrained)"
+    )
+    p.add_argument("--top", type=int, default=10, help="latents per class under each model")
+    p.add_argument("--data", default=None, help="an evaluation split for accuracy and masking")
+    p.add_argument("--k", nargs="+", default=None, help="k values of the cross-model masking")
+    p.add_argument("--templates", default="auto", help="openai, demo, auto or a file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
+    p.add_argument("--batch-images", type=int, default=64)
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR/compare)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser(
+        "explore",
+        help="a local web app: an image's top latents, their masks and reference images",
+        description="Serves a Gradio app on HOST:PORT (default 127.0.0.1:7860). Upload or pick "
+        "an image, pick one of its top latents to see its mask, statistics and reference images, "
+        "click the mask for a patch's own top latents. With --adapted, the base and the adapted "
+        "model side by side.",
+    )
+    p.add_argument("run_dir", help="a run folder with sae.safetensors + cfg.json")
+    p.add_argument("--analysis", default=None, help="patchsae analyze output (RUN_DIR/analysis)")
+    p.add_argument("--adapted", default=None, help="other weights of the same CLIP to compare")
+    p.add_argument("--top", type=int, default=10, help="top latents listed per image")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: this host)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_explore)
 
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
     p.add_argument("run_dir")

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,3 +111,31 @@ def run_train(
     proc = run_cli(train_cmd(overrides, **kwargs), timeout=timeout, env=env)
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
+
+
+def wait_until(predicate, timeout: float, what: str):
+    """``predicate()``'s first truthy value, polled every 0.5 s; exceptions count as not yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:  # noqa: BLE001 - e.g. a page still loading
+            value = None
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def save_other_architecture_clip(path: Path) -> None:
+    """A CLIP checkpoint like the demo CLIP's but 64 wide instead of 128: weights of another
+    architecture, for tests of the checks that refuse them."""
+    import open_clip
+    from patchsae.data.activations import DEMO_MODEL, register_models
+    from safetensors.torch import save_file
+
+    register_models()
+    cfg = open_clip.get_model_config(DEMO_MODEL)
+    cfg["vision_cfg"] = {**cfg["vision_cfg"], "width": 64}
+    state = open_clip.model.CLIP(**cfg).state_dict()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))

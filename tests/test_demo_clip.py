@@ -69,3 +69,41 @@ def test_the_demo_clip_names_the_heldout_classes(demo_clip):
     on held-out images (class-name prompts through the text tower)."""
     _, record = demo_clip
     assert record["images"] == 4000 and record["zeroshot_accuracy"] >= 0.9, record
+
+
+def test_fine_tuning_starts_from_the_given_weights(tmp_path, splits):
+    """--init: the fine-tune starts from those weights (zero steps change nothing), records
+    the accuracy before and after, and refuses weights of another architecture."""
+    from tests.helpers import save_other_architecture_clip
+
+    attributes, heldout = splits
+    base = train_demo_clip(attributes, tmp_path / "base", heldout=heldout, cfg=TINY)
+    init = tmp_path / "base" / WEIGHTS
+    still = DemoClipConfig(steps=1, batch_size=16, warmup_steps=1, lr=0.0)
+    record = train_demo_clip(heldout, tmp_path / "same", heldout=heldout, cfg=still, init=init)
+    assert record["init"] == str(init)
+    assert record["init_zeroshot_accuracy"] == record["zeroshot_accuracy"]
+    assert record["init_zeroshot_accuracy"] == base["zeroshot_accuracy"]
+    before, after = load_file(init), load_file(tmp_path / "same" / WEIGHTS)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+    proc = run_cli(
+        [sys.executable, "-m", "patchsae.launchers.cli", "make-demo-clip", "--init", str(init),
+         "--data", str(heldout), "--heldout", str(heldout), "--out", str(tmp_path / "tuned"),
+         "--steps", "3"], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "(before fine-tuning: " in proc.stdout
+    tuned = json.loads((tmp_path / "tuned" / RECORD).read_text())
+    assert tuned["config"]["lr"] == 5e-4 and tuned["config"]["steps"] == 3  # the fine-tune's
+    assert not torch.equal(load_file(tmp_path / "tuned" / WEIGHTS)["visual.conv1.weight"],
+                           before["visual.conv1.weight"])  # fmt: skip
+
+    other = tmp_path / "other.safetensors"
+    save_other_architecture_clip(other)
+    proc = run_cli(
+        [sys.executable, "-m", "patchsae.launchers.cli", "make-demo-clip", "--init", str(other),
+         "--data", str(heldout), "--out", str(tmp_path / "bad"), "--steps", "1"], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "is not a checkpoint of patchsae-demo-vit" in proc.stderr
+    assert not (tmp_path / "bad").exists()

@@ -167,3 +167,25 @@ def test_attribute_split_varies_attributes_independently(tmp_path: Path) -> None
         assert (again / shard.name).read_bytes() == shard.read_bytes()
     with pytest.raises(ValueError, match="unknown demo split 'shapes'"):
         make_demo_data(tmp_path / "c", n_images=8, split="shapes")
+
+
+def test_sketch_style_keeps_shape_and_texture_and_drops_colour(tmp_path: Path) -> None:
+    """Sketches: the same classes and masks, greyscale (no colour cue), a dark outline on the
+    mask's edge and light paper around it; deterministic like the photos."""
+    out = make_demo_data(tmp_path / "s", n_images=24, image_size=64, seed=7, style="sketch")
+    samples = read_samples(out)
+    assert len(samples) == 24
+    for sample in samples.values():
+        meta = json.loads(sample["json"])
+        assert meta["style"] == "sketch" and meta["class"] == CLASSES[meta["label"]].name
+        rgb = np.asarray(Image.open(io.BytesIO(sample["png"])), dtype=np.float64)
+        on = np.asarray(Image.open(io.BytesIO(sample["mask.png"]))) == 255
+        assert (rgb.max(axis=2) - rgb.min(axis=2)).max() <= 25  # grey, up to the noise
+        grey = rgb.mean(axis=2)
+        edge = on & ~np.pad(on, 1)[2:, 1:-1] | on & ~np.pad(on, 1)[:-2, 1:-1]
+        assert grey[~on].mean() > 200 and grey[edge].mean() < 110
+    again = make_demo_data(tmp_path / "t", n_images=24, image_size=64, seed=7, style="sketch")
+    for shard in sorted(out.glob("shard-*.tar")):
+        assert (again / shard.name).read_bytes() == shard.read_bytes()
+    with pytest.raises(ValueError, match="unknown demo style 'ink'"):
+        make_demo_data(tmp_path / "u", n_images=8, style="ink")

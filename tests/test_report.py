@@ -1,62 +1,22 @@
 """The latent report in a real browser (Debian's chromium through Selenium): from the file and
 from the MLflow UI's artifact view, with screenshots.
 
-Skipped without chromium and chromedriver, except where ``PATCHSAE_REQUIRE_BROWSER=1`` (CI)
-makes that a failure.
+The ``browser`` fixture (conftest) skips without chromium and chromedriver, except where
+``PATCHSAE_REQUIRE_BROWSER=1`` (CI) makes that a failure.
 """
 
 from __future__ import annotations
 
 import io
-import os
-import shutil
 import time
 
 import numpy as np
 import PIL.Image
-import pytest
 from patchsae.trainer.tracking import read_run_info
 
-from tests.helpers import python_cmd, run_cli
+from tests.helpers import python_cmd, run_cli, wait_until
 from tests.mlflow_server import MlflowServer
 from tests.test_analysis import small_run  # noqa: F401 - the fixture
-
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture
-def browser():
-    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
-    if missing:
-        reason = f"{missing} not installed (apt-get install chromium chromium-driver)"
-        if os.environ.get("PATCHSAE_REQUIRE_BROWSER") == "1":
-            pytest.fail(f"PATCHSAE_REQUIRE_BROWSER=1 but {reason}")
-        pytest.skip(reason)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000"):
-        options.add_argument(arg)
-    options.binary_location = CHROMIUM
-    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-        except Exception:  # noqa: BLE001 - the page is still loading
-            value = None
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _check_page(driver, n_latents: int, latent: int) -> None:
@@ -64,7 +24,7 @@ def _check_page(driver, n_latents: int, latent: int) -> None:
     click on a header sorts the table."""
     from selenium.webdriver.common.by import By
 
-    rows = _wait(
+    rows = wait_until(
         lambda: len(driver.find_elements(By.CSS_SELECTOR, "#latents tbody tr")) == n_latents,
         60,
         "the table",
@@ -72,7 +32,7 @@ def _check_page(driver, n_latents: int, latent: int) -> None:
     assert rows
     images = driver.find_elements(By.TAG_NAME, "img")
     assert len(images) >= 2
-    loaded = _wait(
+    loaded = wait_until(
         lambda: all(
             driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
             for i in images
@@ -133,7 +93,9 @@ def test_report_opens_from_the_file_and_from_the_mlflow_ui(
             f"{server.uri}/#/experiments/{info['experiment_id']}/runs/{info['run_id']}"
             "/artifacts/analysis/report.html"
         )
-        frame = _wait(lambda: browser.find_element(By.TAG_NAME, "iframe"), 90, "the artifact view")
+        frame = wait_until(
+            lambda: browser.find_element(By.TAG_NAME, "iframe"), 90, "the artifact view"
+        )
         time.sleep(1)
         shot = browser.get_screenshot_as_png()
         (tmp_path / "report-mlflow.png").write_bytes(shot)

@@ -39,7 +39,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip):
+def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip, demo_adapted_clip):
     """The README's demo, as `make train` runs it: 2,000 generated images, the demo CLIP, the
     full recipe."""
     shards = make_demo_data(tmp_path / "demo-data")
@@ -109,6 +109,55 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip):
     _demo_latents_are_concepts(out, shards)
     _demo_latents_segment_objects(out, shards, demo_clip[1]["heldout"])
     _demo_class_latents_carry_their_class(out, shards, demo_clip[1]["heldout"])
+    _demo_adapted_model_remaps_class_latents(out, demo_adapted_clip)
+
+
+def _demo_adapted_model_remaps_class_latents(run_dir, adapted_clip) -> None:
+    """The base and the adapted demo CLIP under the demo SAE, on sketches, as `make train` runs
+    it: the adapted model names held-out sketches far better; every class's shared, gained and
+    lost latents are written; zeroing the base model's class latents in the adapted model costs
+    it far more than zeroing random ones (its classes still run on the base's concepts)."""
+    import csv
+
+    from tests.helpers import python_cmd, run_cli
+
+    weights, record, sketch, heldout = adapted_clip
+    cli = [*python_cmd(1), "-m", "patchsae.launchers.cli"]
+    for out, extra in (
+        ("analysis-sketch", []),
+        ("analysis-sketch-adapted", ["--pretrained", str(weights)]),
+    ):
+        proc = run_cli([*cli, "analyze", str(run_dir), "--data", str(sketch), "--out",
+                        str(run_dir / out), *extra], timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(
+        [*cli, "compare", str(run_dir), "--base", str(run_dir / "analysis-sketch"), "--adapted",
+         str(run_dir / "analysis-sketch-adapted"), "--data", str(heldout), "--k", "10", "50",
+         "all"], timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((run_dir / "compare" / "compare.json").read_text())
+    acc = result["accuracy"]
+    print(
+        f"demo adaptation: sketches zero-shot base {acc['base']['clip']:.3f} -> adapted "
+        f"{acc['adapted']['clip']:.3f} (fine-tuning record {record['init_zeroshot_accuracy']:.3f} "
+        f"-> {record['zeroshot_accuracy']:.3f}); top-10 per class {result['totals']}, mean "
+        f"overlap {result['mean_overlap']:.2f}"
+    )
+    assert acc["adapted"]["clip"] >= acc["base"]["clip"] + 0.3, acc
+    assert acc["adapted"]["clip"] == pytest.approx(record["zeroshot_accuracy"])
+    with open(run_dir / "compare" / "classes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["class"] for r in rows} == set(result["classes"]) and len(result["classes"]) == 8
+    for group in result["per_class"]:
+        assert len(group["shared"]) + len(group["lost"]) == 10  # every class has 10 active
+        assert len(group["shared"]) + len(group["gained"]) == 10
+    off = {(r["model"], r["selection"], r["k"]): r["accuracy"] for r in result["masking"]
+           if r["mode"] == "off"}  # fmt: skip
+    drop = off[("adapted", "random", 50)] - off[("adapted", "base-class", 50)]
+    print(f"demo adaptation: adapted model, top-50 off: base-class latents cost {drop:.3f} more "
+          "than random ones")  # fmt: skip
+    assert drop >= 0.3, off
 
 
 def _demo_class_latents_carry_their_class(run_dir, shards, heldout) -> None:
