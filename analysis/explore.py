@@ -190,11 +190,14 @@ class Explorer:
                                  dpi=100, squeeze=False)  # fmt: skip
         for ax, model in zip(axes[:, 0], self.models, strict=True):
             values = view.mean_F[model].numpy()
-            ax.bar(np.arange(len(values)), values, width=1.0, color="tab:grey")
-            for j, v in view.top(model, self.top_k):
-                ax.bar([j], [v], width=max(1.0, len(values) / 300), color="tab:red")
+            active = np.nonzero(values > 0)[0]  # one line per active latent: fast at any width
+            ax.vlines(active, 0, values[active], color="tab:grey", linewidth=0.8)
+            top = view.top(model, self.top_k)
+            ax.vlines([j for j, _ in top], 0, [v for _, v in top], color="tab:red", linewidth=1.6)
+            for j, v in top:
                 ax.annotate(str(j), (j, v), fontsize=7, ha="center", va="bottom", color="tab:red")
             ax.set_xlim(-0.5, len(values) - 0.5)
+            ax.set_ylim(0, max(float(values.max()), 1e-6) * 1.15)
             ax.set_ylabel(f"{model}\nmean act.", fontsize=8)
             ax.tick_params(labelsize=7)
         axes[-1, 0].set_xlabel("latent", fontsize=8)

@@ -14,7 +14,9 @@ import urllib.request
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from patchsae.analysis.explore import Explorer
+from patchsae.analysis.model import AnalysisError
 from patchsae.data.shards import decode_image, expand_urls, iter_samples
 
 from tests.helpers import (
@@ -168,3 +170,32 @@ def test_explorer_refuses_bad_input_before_serving(analyses, tmp_path):  # noqa:
         proc = run_cli([*cli, *extra, "--port", str(free_port())], timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert match in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_explorer_api_on_one_model(analyses, image_file):  # noqa: F811
+    """Without --adapted: one model, every top latent listed; a patch is found from a click's
+    pixel on the drawn mask; masks are the per-patch codes."""
+    run, base_dir, _, _ = analyses
+    explorer = Explorer(run, analysis=base_dir, top=5, n_examples=3)
+    assert explorer.models == ("base",) and len(explorer.examples) == 3
+    assert all(PIL.Image.open(p).size == (64, 64) for p in explorer.examples)
+    view = explorer.inspect(PIL.Image.open(image_file))
+    top = view.top("base", 5)
+    assert [j for _, j in explorer.latent_choices(view)] == [j for j, _ in top]
+    assert explorer.groups(view) == {"shared": [j for j, _ in top], "base-only": [],
+                                     "adapted-only": []}  # fmt: skip
+    codes = explorer.makers["base"].codes([PIL.Image.open(image_file)])[0]
+    assert torch.allclose(view.mean_F["base"], codes.mean(0))
+    j = top[0][0]
+    assert torch.equal(explorer.grid(view, "base", j), codes[1:, j].reshape(8, 8))
+    assert explorer.mask(view, "base", j).size == (256, 256)
+    assert explorer.patch_at(view, 0, 0, (256, 256)) == 0
+    assert explorer.patch_at(view, 255, 255, (256, 256)) == 63
+    assert explorer.patch_at(view, 5 * 32 + 1, 2 * 32 + 1, (256, 256)) == 2 * 8 + 5
+    table = explorer.patch_top(view, 10)
+    want = codes[11].topk(5)
+    assert table.latent.tolist() == [
+        int(i) for i, v in zip(want.indices, want.values, strict=True) if v > 0
+    ]
+    with pytest.raises(AnalysisError, match="latent 5000 is out of range"):
+        explorer.latent_stats(5000)

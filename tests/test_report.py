@@ -66,6 +66,7 @@ def test_report_opens_from_the_file_and_from_the_mlflow_ui(
     demo_shards,
     tmp_path,
     browser,
+    artifacts,
 ):
     from selenium.webdriver.common.by import By
 
@@ -83,7 +84,7 @@ def test_report_opens_from_the_file_and_from_the_mlflow_ui(
     _check_page(browser, 1024, 7)
     browser.execute_script("window.scrollTo(0, 0)")
     shot = browser.get_screenshot_as_png()
-    (tmp_path / "report-file.png").write_bytes(shot)
+    (artifacts / "report-file.png").write_bytes(shot)
     _scatter_is_drawn(shot)
 
     # The same file from the run's page in the MLflow UI (artifacts analysis/report.html).
@@ -98,7 +99,7 @@ def test_report_opens_from_the_file_and_from_the_mlflow_ui(
         )
         time.sleep(1)
         shot = browser.get_screenshot_as_png()
-        (tmp_path / "report-mlflow.png").write_bytes(shot)
+        (artifacts / "report-mlflow.png").write_bytes(shot)
         _scatter_is_drawn(shot)
         browser.switch_to.frame(frame)
         _check_page(browser, 1024, 7)
