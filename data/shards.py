@@ -33,7 +33,7 @@ import logging
 import random
 import tarfile
 import zlib
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -156,13 +156,17 @@ _SHARD_ORDER, _SAMPLE_SHUFFLE = 1, 2
 
 
 class _Counter:
-    """Skipped samples not yet reported; shared by the stages of one worker's pipeline."""
+    """Skipped samples not yet reported, per shard; shared by the stages of one worker's
+    pipeline."""
 
     def __init__(self) -> None:
-        self.value = 0
+        self.by_shard: Counter[str] = Counter()
 
-    def take(self) -> int:
-        value, self.value = self.value, 0
+    def add(self, url: str) -> None:
+        self.by_shard[url] += 1
+
+    def take(self) -> dict[str, int]:
+        value, self.by_shard = dict(self.by_shard), Counter()
         return value
 
 
@@ -170,9 +174,11 @@ class ImageShards(IterableDataset):
     """Batches of (preprocessed image, label) from tar shards; see the module docstring.
 
     Each yielded item is a dict ``{"pixels": FloatTensor[b, 3, H, W], "labels": LongTensor[b],
-    "keys": list[str], "urls": list[str] (each sample's shard), "worker": int, "index": int, "skipped": int, "done": False}`` where
-    ``index`` is the worker's batch number in this epoch (skipped-for-resume batches included)
-    and ``skipped`` counts samples lost since the worker's previous item. After its last batch
+    "keys": list[str], "urls": list[str] (each sample's shard), "worker": int, "index": int,
+    "skipped": int, "skipped_shards": dict[str, int], "done": False}`` where ``index`` is the
+    worker's batch number in this epoch (skipped-for-resume batches included), ``skipped``
+    counts samples lost since the worker's previous item and ``skipped_shards`` the same per
+    shard. After its last batch
     each worker yields one sentinel with ``done=True``, ``index`` = its number of batches,
     ``pixels``/``labels`` = None, ``keys`` = ``urls`` = [] and the remaining ``skipped`` count.
 
@@ -286,7 +292,7 @@ class ImageShards(IterableDataset):
                 try:
                     image, label = _decode(sample)
                 except _DECODE_ERRORS as e:
-                    counter.value += 1
+                    counter.add(sample["__url__"])
                     failures += 1
                     if failures <= _MAX_LOGGED_FAILURES:
                         log.warning(
@@ -318,6 +324,7 @@ class ImageShards(IterableDataset):
                 # Nothing decoded yet, so the pixel shape is unknown: drop the batch and let
                 # the next item carry its skipped count.
                 continue
+            lost = counter.take()
             yield {
                 "pixels": batch,
                 "labels": torch.tensor(labels, dtype=torch.long),
@@ -325,7 +332,8 @@ class ImageShards(IterableDataset):
                 "urls": urls,
                 "worker": worker,
                 "index": index,
-                "skipped": counter.take(),
+                "skipped": sum(lost.values()),
+                "skipped_shards": lost,
                 "done": False,
             }
         if failures > _MAX_LOGGED_FAILURES:
@@ -336,6 +344,7 @@ class ImageShards(IterableDataset):
                 failures,
                 epoch,
             )
+        lost = counter.take()
         yield {
             "pixels": None,
             "labels": None,
@@ -343,7 +352,8 @@ class ImageShards(IterableDataset):
             "urls": [],
             "worker": worker,
             "index": n_batches,
-            "skipped": counter.take(),
+            "skipped": sum(lost.values()),
+            "skipped_shards": lost,
             "done": True,
         }
 
@@ -355,7 +365,7 @@ class ImageShards(IterableDataset):
             except _SHARD_ERRORS as e:
                 # How many samples the rest of a broken shard held is unknown; count the
                 # sample being read when it broke.
-                counter.value += 1
+                counter.add(url)
                 log.warning(
                     "shard %s is truncated or unreadable (%s: %s); skipping the rest of it",
                     url,
@@ -398,7 +408,7 @@ def _tar_samples(url: str, counter: _Counter) -> Iterator[dict[str, Any]]:
                     if _complete(sample):
                         yield sample
                     else:
-                        counter.value += 1
+                        counter.add(url)
                     sample = None
                 if sample is None:
                     sample = {"__key__": key, "__url__": url}
@@ -408,7 +418,7 @@ def _tar_samples(url: str, counter: _Counter) -> Iterator[dict[str, Any]]:
                 if _complete(sample):
                     yield sample
                 else:
-                    counter.value += 1
+                    counter.add(url)
     finally:
         stream.close()
 
@@ -483,7 +493,8 @@ class OrderedBatches:
 
     Sentinels are consumed here, not yielded: they mark their worker finished and their
     ``skipped`` count is added to :attr:`skipped_total`, the running count of skipped samples
-    over all batches and sentinels seen (the yielded batches still carry their own ``skipped``).
+    over all batches and sentinels seen (the yielded batches still carry their own ``skipped``),
+    and their ``skipped_shards`` to :attr:`skipped_by_shard`.
     Iteration ends once every worker has finished. One instance reads one loader iterator, once.
 
     Args:
@@ -515,6 +526,7 @@ class OrderedBatches:
         self.consumed: dict[int, int] = {int(w): int(n) for w, n in (consumed or {}).items()}
         self.next_worker = start
         self.skipped_total = 0
+        self.skipped_by_shard: Counter[str] = Counter()
         if len(self.finished) < self.num_workers and self.next_worker in self.finished:
             self._advance()
 
@@ -547,6 +559,7 @@ class OrderedBatches:
             worker = self.next_worker
             item = self._take(worker)
             self.skipped_total += int(item["skipped"])
+            self.skipped_by_shard.update(item.get("skipped_shards", {}))
             if item["done"]:
                 self.finished.add(worker)
                 self.consumed[worker] = int(item["index"])

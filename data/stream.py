@@ -8,6 +8,7 @@ sequence.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,8 +19,15 @@ from patchsae.data.shards import ImageShards, OrderedBatches, ShardError
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+BAD_CHECK_MIN_SAMPLES = 200
+"""Samples a rank reads before its share of bad ones is held against ``max_bad_fraction``."""
+
 
 class TokenStream:
+    """``max_bad_fraction``: once this rank has read ``min_samples`` samples, more than this
+    fraction of them skipped (undecodable, incomplete, in a broken shard) stops the stream with
+    a :class:`ShardError` naming the shards with the most failures."""
+
     def __init__(
         self,
         shards: ImageShards,
@@ -27,12 +35,17 @@ class TokenStream:
         mixer: TokenMixer,
         *,
         num_workers: int,
+        max_bad_fraction: float = 1.0,
+        min_samples: int = BAD_CHECK_MIN_SAMPLES,
     ) -> None:
         self.shards, self.source, self.mixer = shards, source, mixer
         self.num_workers = num_workers
+        self.max_bad_fraction, self.min_samples = max_bad_fraction, min_samples
         self.epoch = 0
         self.images_seen = 0
         self.skipped = 0
+        self.skipped_by_shard: Counter[str] = Counter()
+        """Skipped samples per shard in finished epochs (the current one is in ``_ordered``)."""
         self._resume: dict[str, Any] | None = None
         self._ordered: OrderedBatches | None = None
         self._batches: Iterator[dict] | None = None
@@ -61,6 +74,7 @@ class TokenStream:
             images_before = self.images_seen
             yield from self._ordered
             self.skipped += self._ordered.skipped_total
+            self.skipped_by_shard.update(self._ordered.skipped_by_shard)
             self._ordered = None
             if self.images_seen == images_before and not position:
                 raise ShardError(
@@ -77,7 +91,24 @@ class TokenStream:
             if batch["pixels"] is not None and len(batch["pixels"]):
                 break
         self.images_seen += len(batch["pixels"])
+        self._check_bad_fraction()
         return self.source(batch["pixels"])
+
+    def _check_bad_fraction(self) -> None:
+        bad = self.skipped_total
+        read = self.images_seen + bad
+        if read < self.min_samples or bad <= self.max_bad_fraction * read:
+            return
+        by_shard = self.skipped_by_shard + (
+            self._ordered.skipped_by_shard if self._ordered is not None else Counter()
+        )
+        worst = ", ".join(f"{url} ({n})" for url, n in by_shard.most_common(3))
+        raise ShardError(
+            f"{bad} of the {read} samples read so far on this rank ({bad / read:.0%}) could not "
+            f"be used, more than data.max_bad_fraction = {self.max_bad_fraction}; most failures "
+            f"in {worst}. Check or rewrite those shards (the log names each bad sample), or "
+            "raise data.max_bad_fraction to accept them"
+        )
 
     def close(self) -> None:
         """Stop the DataLoader workers now (not whenever the iterator is collected): a process
@@ -109,6 +140,10 @@ class TokenStream:
             "position": position or {},
             "images_seen": self.images_seen,
             "skipped": self.skipped_total,
+            "skipped_by_shard": dict(
+                self.skipped_by_shard
+                + (self._ordered.skipped_by_shard if self._ordered is not None else Counter())
+            ),
             "mixer": self.mixer.state_dict(),
         }
 
@@ -118,6 +153,7 @@ class TokenStream:
         self.epoch = state["epoch"]
         self.images_seen = state["images_seen"]
         self.skipped = state["skipped"]
+        self.skipped_by_shard = Counter(state.get("skipped_by_shard", {}))  # absent before 0.1.1
         self._resume = dict(state["position"]) or None
         device = next(self.source.parameters()).device
         self.mixer.load_state_dict(state["mixer"], device=device)

@@ -193,6 +193,21 @@ def test_corrupt_image_and_missing_label_are_skipped(
     assert "garbage" in caplog.text and "badlabel" in caplog.text
 
 
+def test_skipped_samples_are_counted_per_shard(tmp_path: Path) -> None:
+    """Every skipped sample is attributed to its shard, on the batches and in the running
+    per-shard total (what names the worst shards when data.max_bad_fraction stops a run)."""
+    good = [{"__key__": f"g{i}", "png": png((0, 0, i)), "cls": b"1"} for i in range(4)]
+    bad = [{"__key__": f"b{i}", "png": b"junk", "cls": b"0"} for i in range(3)]
+    write_tar(tmp_path / "a.tar", good[:2] + bad[:1])
+    write_tar(tmp_path / "b.tar", bad[1:] + good[2:])
+    dataset = make_dataset(tmp_path, shuffle_shards=False, shuffle_buffer=0, batch_size=2)
+    ordered = read_epoch(dataset, num_workers=0)
+    batches = list(ordered)
+    a, b = (str(tmp_path / name) for name in ("a.tar", "b.tar"))
+    assert all(sum(x["skipped_shards"].values()) == x["skipped"] for x in batches)
+    assert dict(ordered.skipped_by_shard) == {a: 1, b: 2}
+
+
 def test_batch_without_any_good_sample(tmp_path: Path) -> None:
     bad = [{"__key__": f"bad{i}", "png": b"junk", "cls": b"0"} for i in range(3)]
     good = [{"__key__": f"good{i}", "png": png((0, 99, 0)), "cls": b"2"} for i in range(3)]

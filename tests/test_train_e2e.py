@@ -373,6 +373,35 @@ def test_corrupt_samples_are_skipped_and_reported(tmp_path, demo_shards):
     assert max(m.value for m in history) == skipped[-1][1]
 
 
+def test_too_many_bad_samples_stop_the_run_naming_the_shards(tmp_path, demo_shards):
+    """data.max_bad_fraction: with 4 of 6 shards undecodable (160 of 240 samples), the run
+    stops with exit 2, a message naming the worst shards and the setting, and no export; with
+    the setting raised above that share it trains through them."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i, shard in enumerate(sorted(demo_shards.glob("*.tar"))):
+        if i < 2:
+            shutil.copy(shard, shards / shard.name)
+            continue
+        with tarfile.open(shards / shard.name, "w") as tar:
+            for k in range(40):
+                for ext, payload in (("png", b"not a png"), ("cls", b"1")):
+                    info = tarfile.TarInfo(f"bad{k:03d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+    out = tmp_path / "run"
+    from tests.helpers import run_cli, train_cmd
+
+    proc = run_cli(train_cmd(small_overrides(shards, out, **{"data.shuffle_buffer": 0})))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "more than data.max_bad_fraction = 0.5" in proc.stderr
+    assert "shard-00000" in proc.stderr.split("most failures in")[1]
+    assert "Traceback" not in proc.stderr and not (out / "sae.safetensors").exists()
+
+    run_train(small_overrides(shards, tmp_path / "run2", **{"data.max_bad_fraction": 0.9}))
+    assert (tmp_path / "run2" / "sae.safetensors").is_file()
+
+
 def test_tracking_server_outage_loses_no_metric(tmp_path, demo_shards):
     steps = 120
     server = MlflowServer(tmp_path / "server").start()

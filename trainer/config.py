@@ -73,7 +73,8 @@ class DataConfig:
     """Tokens held by the mixer; batches are drawn at random from it so that one SAE batch
     mixes tokens from many images. Should be much larger than ``train.batch_tokens``."""
     max_bad_fraction: float = 0.5
-    """Stop with an error when more than this fraction of samples fails to decode."""
+    """Stop with an error when more than this fraction of the samples a rank has read (from its
+    200th on) could not be used: undecodable, incomplete, or lost in a broken shard."""
 
     def __post_init__(self) -> None:
         if not self.urls:

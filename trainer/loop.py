@@ -199,7 +199,13 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         mixer = TokenMixer(cfg.data.mix_buffer_tokens, seed=cfg.train.seed * 1009 + self.dist.rank)
-        self.stream = TokenStream(shards, self.source, mixer, num_workers=cfg.data.num_workers)
+        self.stream = TokenStream(
+            shards,
+            self.source,
+            mixer,
+            num_workers=cfg.data.num_workers,
+            max_bad_fraction=cfg.data.max_bad_fraction,
+        )
         self.plan = Plan.make(cfg, self.source.tokens_per_image, self.dist.world_size)
 
         d, f = self.source.width, cfg.sae.n_latents or cfg.sae.expansion * self.source.width
