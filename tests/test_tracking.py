@@ -370,3 +370,23 @@ def test_server_outage_mid_run(
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert [f.path for f in client.list_artifacts(tracker.run_id)] == ["report.txt"]
+
+
+def test_system_metrics_reach_the_run_until_close(tmp_path: Path, sqlite_uri: str) -> None:
+    """MLflow's system-metrics monitor runs on the tracker's run: CPU and memory samples are in
+    the store (what the UI's System metrics tab shows), and none arrive after close()."""
+    tracker = make_tracker(tmp_path / "run", sqlite_uri, system_metrics_every_s=0.2)
+    for step in range(10):
+        tracker.log_metrics({"loss": float(step)}, step)
+        time.sleep(0.2)
+    assert wait_for(lambda: tracker.run_id is not None, 30)
+    run_id = tracker.run_id
+    tracker.close()
+    client = MlflowClient(tracking_uri=sqlite_uri)
+    for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
+        values = history(client, run_id, key)
+        assert values and all(v >= 0 for _, v in values), key
+    count = len(history(client, run_id, "system/cpu_utilization_percentage"))
+    time.sleep(0.6)
+    assert len(history(client, run_id, "system/cpu_utilization_percentage")) == count
+    assert client.get_run(run_id).info.status == "FINISHED"

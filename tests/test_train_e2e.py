@@ -81,6 +81,9 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip, d
         assert sorted(m.step for m in history) == [100, 200, 300, steps], key
     assert final["eval/zeroshot_acc"] == pytest.approx(record["zeroshot_accuracy"])
     assert final["eval/zeroshot_acc_spliced"] >= final["eval/zeroshot_acc"] - 0.05, final
+    # MLflow's own system metrics (the UI's System metrics tab), sampled every 10 s.
+    cpu = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+    assert len(cpu) >= 3 and "system/system_memory_usage_megabytes" in final
 
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     artifacts |= {

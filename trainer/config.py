@@ -207,12 +207,17 @@ class TrackingConfig:
     flush_timeout_s: float = 120.0
     """At the end, how long to wait for an unreachable server before leaving the unsent
     records on disk (``patchsae sync-mlflow`` sends them later)."""
+    system_metrics_every_s: float = 10.0
+    """Seconds between samples of MLflow's system metrics (``system/*``: CPU, memory, disk,
+    network, and GPU utilisation and memory where there is one); 0: off."""
 
     def __post_init__(self) -> None:
         if not self.experiment:
             _fail("tracking.experiment", "is empty", "name the MLflow experiment")
         if self.flush_timeout_s < 0:
             _fail("tracking.flush_timeout_s", "must be >= 0", "e.g. 120")
+        if self.system_metrics_every_s < 0:
+            _fail("tracking.system_metrics_every_s", "must be >= 0", "e.g. 10, or 0 for off")
 
 
 @dataclass(frozen=True)

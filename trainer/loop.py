@@ -314,6 +314,7 @@ class Trainer:
             run_name=t.run_name or self.run_dir.resolve().name,
             run_id=self.run_id,
             flush_timeout_s=t.flush_timeout_s,
+            system_metrics_every_s=t.system_metrics_every_s,
         )
         if self.ckpt_path is None:
             params = self.cfg.flat()

@@ -567,6 +567,10 @@ class Tracker:
             exist in the store, a new run is created.
         flush_timeout_s: How long :meth:`close` waits for unsent records.
         max_backoff_s: Cap on the wait between retries while the server is unreachable.
+        system_metrics_every_s: Once the run exists, MLflow's own system-metrics monitor samples
+            CPU, memory, disk, network (and NVIDIA GPUs, through nvidia-ml-py) this often and
+            logs them as ``system/*`` metrics until :meth:`close`; 0: off. Samples taken while
+            the server is down are MLflow's to drop: they are not part of the outbox.
 
     Values are converted with ``float``/``str`` on the calling thread, so a value that is not a
     number raises there (a bug in the caller, surfaced at once). Nothing else raises: MLflow
@@ -585,6 +589,7 @@ class Tracker:
         run_id: str | None = None,
         flush_timeout_s: float = 120.0,
         max_backoff_s: float = 5.0,
+        system_metrics_every_s: float = 0.0,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -602,6 +607,8 @@ class Tracker:
         self._worker_done = False
         self._metrics_file = _open_for_append(self.run_dir / METRICS_FILE)
         self._thread: threading.Thread | None = None
+        self._system_metrics_every_s = system_metrics_every_s
+        self._monitor: Any = None
 
         self._token = uuid.uuid4().hex
         self._start_op: Op = {
@@ -692,6 +699,10 @@ class Tracker:
             self._metrics_file.close()
             if self._thread is None:
                 return
+            monitor, self._monitor = self._monitor, None
+        if monitor is not None:  # its last samples go out before the run ends
+            monitor.finish()
+        with self._cond:
             self._ops.append({"op": "end_run", "status": status, "timestamp": _now_ms()})
             self._closing = True
             self._cond.notify_all()
@@ -754,6 +765,25 @@ class Tracker:
             return  # MLflow is off: only metrics.jsonl is written
         self._ops.extend(ops)
         self._cond.notify_all()
+
+    def _start_system_metrics(self) -> None:
+        """Start MLflow's system-metrics monitor on the new run (called with the lock held)."""
+        if self._system_metrics_every_s <= 0 or self._monitor is not None or self._closed:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self._run_id,
+                sampling_interval=self._system_metrics_every_s,
+                samples_before_logging=1,
+                resume_logging=True,  # a resumed run continues its step count
+                tracking_uri=self.tracking_uri,
+            )
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - system metrics are a nicety, never a failure
+            log.warning("MLflow system metrics are off: %s", _describe(e))
+            self._monitor = None
 
     def _idle(self) -> bool:
         # Nothing left that the thread will still send (called with the lock held).
@@ -837,6 +867,7 @@ class Tracker:
                         self._ops.popleft()
                     if group[0]["op"] == "start_run" and group[0].get("token") == self._token:
                         self._run_id = sender.run_id
+                        self._start_system_metrics()
                     self._cond.notify_all()
                 log.debug("MLflow: sent %s (%d records)", group[0]["op"], sent)
         except Exception:
