@@ -119,9 +119,6 @@ def activation_source(
     return source, preprocess
 
 
-TOKEN_SELECTIONS = ("all", "patches", "cls")
-
-
 def select_tokens(acts_BTD: Tensor, tokens: str) -> Tensor:
     """``all`` (CLS + patches), ``patches`` or ``cls`` of a ``[B, T, D]`` block output."""
     if tokens == "patches":

@@ -37,11 +37,12 @@ from patchsae.analysis.model import (
     select_tokens,
 )
 from patchsae.analysis.stats import encode
+from patchsae.data.activations import TOKEN_SELECTIONS
 from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SPLICE_TOKENS = ("all", "cls", "patches")
+SPLICE_TOKENS = TOKEN_SELECTIONS
 VARIANTS = ("clip", "spliced", "spliced_error")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +16,9 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "patchsae-demo-vit"
+TokenSelection = Literal["all", "cls", "patches"]
+"""Which tokens of a block output: CLS and every patch, the CLS token, or the patches."""
+TOKEN_SELECTIONS: tuple[str, ...] = get_args(TokenSelection)
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".npz")
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 _registered = False
@@ -175,8 +178,8 @@ class ActivationSource(nn.Module):
             raise ModelError(
                 f"layer {layer} is out of range ({depth} blocks); use {-depth}..{depth - 1}"
             )
-        if tokens not in ("all", "cls", "patches"):
-            raise ModelError(f"tokens {tokens!r}: use all, cls or patches")
+        if tokens not in TOKEN_SELECTIONS:
+            raise ModelError(f"tokens {tokens!r}: use one of {', '.join(TOKEN_SELECTIONS)}")
         self.layer, self.tokens = layer % depth, tokens
         self.block = blocks[self.layer]
         grid = visual.grid_size

@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--image-tokens",
-        choices=("all", "patches", "cls"),
+        choices=("all", "cls", "patches"),
         default=None,
         help="tokens of the image-level activation and the counts (default: the SAE's own "
         "model.tokens; all = CLS + patches)",

@@ -29,3 +29,27 @@ def test_torchrun_two_ranks_identical_weights(tmp_path, demo_shards):
         "stream_rank0.pt",
         "stream_rank1.pt",
     ]
+
+
+def test_both_engines_implement_the_engine_protocol():
+    """LocalEngine and ZeroEngine have every member of the Engine protocol, with the same
+    parameters, so the trainer can use either through it."""
+    import inspect
+
+    from patchsae.trainer.distributed import Engine, LocalEngine, ZeroEngine
+
+    members = {
+        name: value
+        for name, value in vars(Engine).items()
+        if not name.startswith("_") and (callable(value) or isinstance(value, property))
+    }
+    assert {"forward", "backward", "step", "load", "full_tensors", "kind"} <= set(members)
+    for engine in (LocalEngine, ZeroEngine):
+        for name, proto in members.items():
+            mine = getattr(engine, name, None)
+            assert mine is not None, f"{engine.__name__} lacks {name}"
+            if isinstance(proto, property):
+                assert isinstance(mine, property), f"{engine.__name__}.{name} is not a property"
+                continue
+            want = list(inspect.signature(proto).parameters)
+            assert list(inspect.signature(mine).parameters) == want, (engine.__name__, name)

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from patchsae.trainer import saelens
+from patchsae.trainer.config import ConfigError, DistributedConfig
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -315,14 +316,36 @@ def pick_verified(resume: str, folder: Path, verify_fn: Callable[[Path], list[st
     )
 
 
-def load_state(path: Path, rank: int, world_size: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(state, this rank's stream state)`` from a checkpoint folder."""
+def state_layout(strategy: str, zero_stage: int) -> str:
+    """How a checkpoint holds the optimiser state: ``whole`` (one process, DDP: in
+    ``state.pt``) or ``zero<stage>`` (partitioned by DeepSpeed over the ranks)."""
+    return f"zero{zero_stage}" if strategy == "deepspeed" else "whole"
+
+
+def check_layout(
+    path: Path, was: DistributedConfig, now: DistributedConfig, world_size: int
+) -> None:
+    """The one check that checkpoint ``path``, written under the distributed config ``was``,
+    can be loaded by this job (config ``now``, ``world_size`` ranks): the same state layout
+    and the same number of ranks (each rank resumes its own data stream)."""
+    if state_layout(was.strategy, was.zero_stage) != state_layout(now.strategy, now.zero_stage):
+        raise ConfigError(
+            f"--resume {path}: the checkpoint was written with distributed.strategy="
+            f"{was.strategy} (zero_stage {was.zero_stage}) and this run uses "
+            f"{now.strategy} (zero_stage {now.zero_stage}); resume with the same strategy "
+            "and stage (ZeRO partitions the optimiser state differently), or start a new run"
+        )
     streams = sorted(path.glob("stream_rank*.pt"))
     if len(streams) != world_size:
         raise CheckpointError(
             f"checkpoint {path} was written by {len(streams)} ranks but this job has "
             f"{world_size}; resume with the same number of ranks"
         )
+
+
+def load_state(path: Path, rank: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state, this rank's stream state)`` from a checkpoint folder that passed
+    :func:`check_layout`."""
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     stream = torch.load(path / f"stream_rank{rank}.pt", map_location="cpu", weights_only=True)
     return state, stream

@@ -12,9 +12,21 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from patchsae.data.activations import TokenSelection
+
+# The allowed values of every choice in the config, defined once: the field annotations use
+# them, the loader and __post_init__ check them (:func:`_check_choices`), other modules import
+# them (``typing.get_args(Strategy)``).
+MseNorm = Literal["none", "token_norm"]
+BDecInit = Literal["geometric_median", "mean", "zeros"]
+Schedule = Literal["constant", "cosine"]
+Device = Literal["auto", "cpu", "cuda"]
+Strategy = Literal["auto", "single", "ddp", "deepspeed"]
+Backend = Literal["auto", "nccl", "gloo"]
+ZeroStage = Literal[1, 2, 3]
 
 
 class ConfigError(ValueError):
@@ -32,9 +44,15 @@ def _positive(section: str, obj: Any, *names: str) -> None:
             _fail(f"{section}.{name}", f"must be > 0, got {value!r}", "set a positive value")
 
 
-def _one_of(section: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        _fail(f"{section}.{name}", f"unknown value {value!r}", f"use one of {list(choices)}")
+def _check_choices(section: str, obj: Any) -> None:
+    """Every ``Literal`` field of the dataclass ``obj`` holds one of its values."""
+    for name, annotation in typing.get_type_hints(type(obj)).items():
+        if typing.get_origin(annotation) is Literal:
+            value, choices = getattr(obj, name), typing.get_args(annotation)
+            if value not in choices or isinstance(value, bool):
+                _fail(
+                    f"{section}.{name}", f"unknown value {value!r}", f"use one of {list(choices)}"
+                )
 
 
 @dataclass(frozen=True)
@@ -45,7 +63,7 @@ class ModelConfig:
     """open_clip pretrained tag (``openai``), a local checkpoint file, or null for random init."""
     layer: int = -2
     """Hook the residual stream output of this block; negative counts from the end."""
-    tokens: str = "all"
+    tokens: TokenSelection = "all"
     """Which tokens train the SAE: ``all`` (CLS + patches), ``cls`` or ``patches``."""
     cache_dir: str | None = None
     """Where open_clip looks for pretrained weights (its hub cache when null)."""
@@ -53,7 +71,7 @@ class ModelConfig:
     """Seed for the model's random init when ``pretrained`` is null (keeps runs comparable)."""
 
     def __post_init__(self) -> None:
-        _one_of("model", "tokens", self.tokens, ("all", "cls", "patches"))
+        _check_choices("model", self)
 
 
 @dataclass(frozen=True)
@@ -98,14 +116,14 @@ class SAEConfig:
     """Weight of the L1 penalty on the latent code."""
     l1_decoder_norm: bool = False
     """Weight each latent's L1 term by the norm of its decoder row."""
-    mse_norm: str = "none"
+    mse_norm: MseNorm = "none"
     """``none``: mean squared error; ``token_norm``: squared error divided by each token's L2
     norm (the PatchSAE code's loss)."""
     ghost_grads: bool = True
     """Ghost gradients for latents silent over ``ghost_window_steps``."""
     ghost_window_steps: int = 64
     """A latent that has not fired for this many steps gets ghost gradients."""
-    init_b_dec: str = "geometric_median"
+    init_b_dec: BDecInit = "geometric_median"
     """``geometric_median``, ``mean`` or ``zeros`` of an initial token sample."""
     init_sample_tokens: int = 4096
     """Tokens in the sample used for ``b_dec`` and input scaling."""
@@ -122,8 +140,7 @@ class SAEConfig:
         _positive("sae", self, "n_latents", "expansion", "ghost_window_steps", "init_sample_tokens")
         if self.l1_coeff < 0:
             _fail("sae.l1_coeff", f"must be >= 0, got {self.l1_coeff}", "e.g. 8e-5")
-        _one_of("sae", "mse_norm", self.mse_norm, ("none", "token_norm"))
-        _one_of("sae", "init_b_dec", self.init_b_dec, ("geometric_median", "mean", "zeros"))
+        _check_choices("sae", self)
 
 
 @dataclass(frozen=True)
@@ -132,7 +149,7 @@ class TrainConfig:
     """Adam learning rate after warm-up."""
     betas: tuple[float, float] = (0.9, 0.999)
     """Adam betas."""
-    schedule: str = "constant"
+    schedule: Schedule = "constant"
     """After warm-up: ``constant`` or ``cosine`` (down to ``min_lr_frac * lr``)."""
     warmup_steps: int = 500
     """Linear warm-up from 0 to ``lr``."""
@@ -154,7 +171,7 @@ class TrainConfig:
     """How many step checkpoints to keep (older ones are deleted)."""
     dead_window_tokens: int = 10_000_000
     """A latent silent over this many tokens counts as dead; dense/density use this window."""
-    device: str = "auto"
+    device: Device = "auto"
     """``auto`` (CUDA when present), ``cpu`` or ``cuda``."""
     seed: int = 0
     """Seeds the SAE init, data order and token mixing."""
@@ -185,8 +202,7 @@ class TrainConfig:
                 "exactly one of train.total_tokens and train.total_images must be set",
                 "set the other one to null",
             )
-        _one_of("train", "schedule", self.schedule, ("constant", "cosine"))
-        _one_of("train", "device", self.device, ("auto", "cpu", "cuda"))
+        _check_choices("train", self)
         if not 0 <= self.min_lr_frac <= 1:
             _fail("train.min_lr_frac", "must be in [0, 1]", "e.g. 0.1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
@@ -232,7 +248,7 @@ class EvalConfig:
     """Class names, a JSON list or one per line (null: ``classes.json`` beside the shards)."""
     templates: str = "auto"
     """``openai`` (the 80 ImageNet templates), ``demo``, ``auto`` or a file of templates."""
-    tokens: str = "all"
+    tokens: TokenSelection = "all"
     """Tokens replaced by the SAE's reconstruction: ``all``, ``cls`` or ``patches``."""
     max_images: int | None = 1000
     """The first this many images of ``data`` (null: all)."""
@@ -244,17 +260,17 @@ class EvalConfig:
             _fail("eval.every", "must be >= 0", "use 0 to turn the evaluation off")
         if self.every and not self.data:
             _fail("eval.data", "is needed when eval.every > 0", "give labelled held-out shards")
-        _one_of("eval", "tokens", self.tokens, ("all", "cls", "patches"))
+        _check_choices("eval", self)
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    strategy: str = "auto"
+    strategy: Strategy = "auto"
     """``auto`` (DDP when launched with several ranks), ``single``, ``ddp`` or ``deepspeed``
     (ZeRO: partitions optimiser state, gradients and, at stage 3, the parameters)."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """Process-group backend: ``auto`` (nccl on CUDA, gloo on CPU), ``nccl`` or ``gloo``."""
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     """DeepSpeed only: 1 partitions the optimiser state, 2 also the gradients, 3 also the
     parameters (see the README for which width wants which stage)."""
     offload_optimizer: bool = False
@@ -278,9 +294,7 @@ class DistributedConfig:
     (nested keys replace ours), for settings this section does not expose."""
 
     def __post_init__(self) -> None:
-        _one_of("distributed", "strategy", self.strategy, ("auto", "single", "ddp", "deepspeed"))
-        _one_of("distributed", "backend", self.backend, ("auto", "nccl", "gloo"))
-        _one_of("distributed", "zero_stage", self.zero_stage, (1, 2, 3))
+        _check_choices("distributed", self)
         _positive(
             "distributed",
             self,
@@ -341,6 +355,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     list -> tuple). Anything else names the key and the expected type."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
+    if origin is Literal:  # checked against its values by the dataclass (_check_choices)
+        if isinstance(value, float) and value.is_integer() and all(type(a) is int for a in args):
+            return int(value)
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -171,7 +171,7 @@ class Distributed:
         adam: AdamSchedule,
         *,
         local_tokens: int,
-    ) -> LocalEngine | ZeroEngine:
+    ) -> Engine:
         """The SAE with its optimiser and schedule, laid out for the configured strategy."""
         if self.strategy == "deepspeed":
             return ZeroEngine(self, sae, cfg, adam, local_tokens=local_tokens)
@@ -259,6 +259,58 @@ def _optimizer_state_tensors(opt: torch.optim.Optimizer) -> list[Tensor]:
     return [v for state in opt.state.values() for v in state.values() if isinstance(v, Tensor)]
 
 
+@runtime_checkable
+class Engine(Protocol):
+    """What the trainer needs of a training layout of the SAE (its parameters, gradients and
+    optimiser state): :class:`LocalEngine` (one process, DDP) and :class:`ZeroEngine`
+    (DeepSpeed ZeRO 1-3) implement it."""
+
+    sae: SparseAutoencoder
+
+    @property
+    def kind(self) -> str:
+        """``single``, ``ddp`` or ``deepspeed/zero<stage>``: what ``distributed/engine`` logs."""
+        ...
+
+    def forward(self, x_ND: Tensor, **kwargs: Any) -> SAEOutput:
+        """The SAE's forward (through DDP or DeepSpeed where they wrap it)."""
+        ...
+
+    def backward(self, loss: Tensor) -> None:
+        """Gradients of ``loss`` (reduced over ranks as the layout needs)."""
+        ...
+
+    def step(self, skip: Tensor) -> Tensor:
+        """Optimiser and schedule step, decoder rows renormalised; skipped (weights and Adam
+        state untouched) where ``skip`` is set or the gradient norm is not finite, decided on
+        the device. Returns whether it was skipped."""
+        ...
+
+    def lr(self) -> float: ...
+
+    def grad_norm(self) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """What ``state.pt`` holds of the engine (rank 0 writes it)."""
+        ...
+
+    def save_shards(self, folder: Path) -> None:
+        """Write the partitioned state into a checkpoint folder (a collective; may be a no-op)."""
+        ...
+
+    def load(self, state: dict[str, Any], folder: Path) -> None:
+        """Restore from a checkpoint that passed ``checkpoint.check_layout``."""
+        ...
+
+    def full_tensors(self) -> dict[str, Tensor]:
+        """The whole SAE in the export layout (a collective under ZeRO: every rank calls)."""
+        ...
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of training state this rank holds: params, master, optimizer, grads."""
+        ...
+
+
 class LocalEngine:
     """One process, or DDP: every rank holds the whole SAE, its gradients and Adam state."""
 
@@ -317,11 +369,7 @@ class LocalEngine:
         """Nothing is partitioned: ``state_dict`` holds it all."""
 
     def load(self, state: dict[str, Any], folder: Path) -> None:
-        if "optimizer" not in state:
-            raise ConfigError(
-                f"checkpoint {folder} was written by distributed.strategy=deepspeed; resume it "
-                "with the same strategy (its optimiser state is partitioned over ranks)"
-            )
+        """Restore from a checkpoint that passed :func:`checkpoint.check_layout`."""
         self.sae.load_state_dict(state["sae"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.adam.load_scheduler(self.scheduler, state["scheduler"])
@@ -608,13 +656,7 @@ class ZeroEngine:
         self.module.save_checkpoint(str(folder), tag=self.TAG, save_latest=False)
 
     def load(self, state: dict[str, Any], folder: Path) -> None:
-        saved = state.get("strategy", "ddp/single")
-        if saved != self.kind:
-            raise ConfigError(
-                f"checkpoint {folder} was written with {saved} but this run uses {self.kind}; "
-                "resume with the same distributed.strategy and zero_stage (the exported "
-                "sae.safetensors of that checkpoint can seed a new run)"
-            )
+        """Restore from a checkpoint that passed :func:`checkpoint.check_layout`."""
         path, _ = self.module.load_checkpoint(
             str(folder),
             tag=self.TAG,

@@ -27,12 +27,11 @@ from patchsae.trainer import checkpoint, saelens
 from patchsae.trainer.config import (
     Config,
     ConfigError,
-    DistributedConfig,
     SAEConfig,
     check_model,
     config_from_dict,
 )
-from patchsae.trainer.distributed import AdamSchedule, Distributed, LocalEngine, ZeroEngine
+from patchsae.trainer.distributed import AdamSchedule, Distributed, Engine
 from patchsae.trainer.metrics import LatentStats, MetricSums
 from patchsae.trainer.plots import density_histogram
 from patchsae.trainer.sae import SparseAutoencoder
@@ -115,7 +114,7 @@ class StopRequest:
 
 
 def train_step(
-    engine: LocalEngine | ZeroEngine,
+    engine: Engine,
     stats: LatentStats,
     dist: Distributed,
     sae_cfg: SAEConfig,
@@ -149,11 +148,6 @@ def train_step(
 
 class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message names the likely fix."""
-
-
-def _state_layout(cfg: DistributedConfig) -> str:
-    """How a checkpoint holds the optimiser state: whole (single, DDP) or ZeRO-partitioned."""
-    return f"zero{cfg.zero_stage}" if cfg.strategy == "deepspeed" else "whole"
 
 
 def _setup_logging(rank: int) -> None:
@@ -274,14 +268,7 @@ class Trainer:
                         f"checkpoint but is {getattr(new, key)!r} now; resume with the same "
                         "value or start a new run directory"
                     )
-        was, now = saved.distributed, self.cfg.distributed
-        if _state_layout(was) != _state_layout(now):
-            raise ConfigError(
-                f"--resume {path}: the checkpoint was written with distributed.strategy="
-                f"{was.strategy} (zero_stage {was.zero_stage}) and this run uses "
-                f"{now.strategy} (zero_stage {now.zero_stage}); resume with the same strategy "
-                "and stage (ZeRO partitions the optimiser state differently), or start a new run"
-            )
+        checkpoint.check_layout(path, saved.distributed, self.cfg.distributed, self.dist.world_size)
 
     def _init_from_data(self) -> None:
         """``b_dec`` (and the input scale) from a token sample, drawn through the mixer."""
@@ -374,7 +361,7 @@ class Trainer:
         }
 
     def _load(self, path: Path) -> None:
-        state, stream = checkpoint.load_state(path, self.dist.rank, self.dist.world_size)
+        state, stream = checkpoint.load_state(path, self.dist.rank)
         self.engine.load(state, path)
         self.stats.load_state_dict(state["stats"])
         torch.set_rng_state(state["rng"]["cpu"])
