@@ -158,6 +158,10 @@ def _setup_logging(rank: int) -> None:
 
 
 class Trainer:
+    """One training run on this rank, built in order by the named builders below: the process
+    group, the resume point, the token stream, the SAE, the engine, the evaluation and the
+    tracker."""
+
     def __init__(self, cfg: Config, resume: str | None = None) -> None:
         self.cfg = cfg
         # First, so that a stop signal arriving during start-up is not lost.
@@ -173,7 +177,20 @@ class Trainer:
         self.ckpt_path = self._find_resume(resume)
         if self.ckpt_path is not None:
             self._check_resumable(self.ckpt_path)
+        self.source, self.stream = self._build_stream()
+        self.plan = Plan.make(cfg, self.source.tokens_per_image, self.dist.world_size)
+        self._build_sae()
+        self.engine = self._build_engine()
+        if self.ckpt_path is not None:
+            self._load(self.ckpt_path)
+        self.monitor = self._build_monitor()
+        self.tracker = self._build_tracker()
 
+    # -- builders ----------------------------------------------------------------------------
+
+    def _build_stream(self) -> tuple[ActivationSource, TokenStream]:
+        """The hooked CLIP and the token stream over this rank's share of the shards."""
+        cfg = self.cfg
         urls = expand_urls(cfg.data.urls)  # fails fast, naming the URLs, when none is readable
         visual, preprocess = load_visual(
             cfg.model.name,
@@ -181,7 +198,7 @@ class Trainer:
             cache_dir=cfg.model.cache_dir,
             init_seed=cfg.model.init_seed,
         )
-        self.source = ActivationSource(visual.to(self.dist.device), self.layer, cfg.model.tokens)
+        source = ActivationSource(visual.to(self.dist.device), self.layer, cfg.model.tokens)
         shards = ImageShards(
             urls,
             preprocess,
@@ -193,15 +210,19 @@ class Trainer:
             world_size=self.dist.world_size,
         )
         mixer = TokenMixer(cfg.data.mix_buffer_tokens, seed=cfg.train.seed * 1009 + self.dist.rank)
-        self.stream = TokenStream(
+        stream = TokenStream(
             shards,
-            self.source,
+            source,
             mixer,
             num_workers=cfg.data.num_workers,
             max_bad_fraction=cfg.data.max_bad_fraction,
         )
-        self.plan = Plan.make(cfg, self.source.tokens_per_image, self.dist.world_size)
+        return source, stream
 
+    def _build_sae(self) -> None:
+        """The SAE (seeded; initialised from the data on a fresh start), its running latent
+        statistics and metric sums, and the step counters."""
+        cfg = self.cfg
         d, f = self.source.width, cfg.sae.n_latents or cfg.sae.expansion * self.source.width
         torch.manual_seed(cfg.train.seed)
         self.sae = SparseAutoencoder(d, f).to(self.dist.device)
@@ -213,22 +234,24 @@ class Trainer:
         self.run_id: str | None = None
         if self.ckpt_path is None:
             self._init_from_data()
-        self.engine = self.dist.engine(
-            self.sae,
-            cfg.distributed,
-            AdamSchedule(
-                cfg.train.lr, cfg.train.betas, lambda s: lr_factor(s, cfg, self.plan.total_steps)
-            ),
-            local_tokens=self.plan.local_tokens,
-        )
-        if self.ckpt_path is not None:
-            self._load(self.ckpt_path)
-        self.monitor = None
-        if cfg.eval.every and self.dist.is_main:
-            from patchsae.analysis.zeroshot import ZeroShotMonitor
 
-            self.monitor = ZeroShotMonitor(cfg, self.run_dir, self.dist.device)
-        self.tracker = self._make_tracker()
+    def _build_engine(self) -> Engine:
+        """The SAE's optimiser state laid out for the configured strategy."""
+        cfg = self.cfg
+        adam = AdamSchedule(
+            cfg.train.lr, cfg.train.betas, lambda s: lr_factor(s, cfg, self.plan.total_steps)
+        )
+        return self.dist.engine(
+            self.sae, cfg.distributed, adam, local_tokens=self.plan.local_tokens
+        )
+
+    def _build_monitor(self) -> Any:
+        """The zero-shot evaluation of an ``eval`` section, on the main rank only."""
+        if not (self.cfg.eval.every and self.dist.is_main):
+            return None
+        from patchsae.analysis.zeroshot import ZeroShotMonitor
+
+        return ZeroShotMonitor(self.cfg, self.run_dir, self.dist.device)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -285,7 +308,7 @@ class Trainer:
             self.sae.input_scale.item(),
         )
 
-    def _make_tracker(self) -> Tracker | NullTracker:
+    def _build_tracker(self) -> Tracker | NullTracker:
         t = self.cfg.tracking
         if not self.dist.is_main:
             return NullTracker()
