@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install train test lint format ui bench clean
+.PHONY: install train test lint typecheck format ui bench clean
 
 install: $(STAMP)
 
@@ -70,6 +70,13 @@ train: $(STAMP) $(DEMO_DATA)/classes.json $(DEMO_CLIP)/demo_clip.safetensors $(D
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(MAKE) --no-print-directory typecheck
+
+# mypy on the package as it is imported (patchsae.<subpackage>), through a folder of links.
+typecheck: $(STAMP)
+	rm -rf build/typecheck/patchsae && mkdir -p build/typecheck/patchsae
+	for d in data kernels trainer launchers analysis; do ln -s ../../../$$d build/typecheck/patchsae/$$d; done
+	cd build/typecheck && ../../$(BIN)/mypy --config-file ../../pyproject.toml -p patchsae
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -29,6 +29,7 @@ import csv
 import io
 import json
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,10 +147,11 @@ def _cross_masking(
     seed: int,
     batch_images: int,
     device: str,
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, float]]]:
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Each model evaluated with each model's class latents (and a random baseline) kept or
     zeroed; returns the rows (with ``model``) and each model's plain and spliced accuracy."""
-    rows, accuracy = [], {}
+    rows: list[dict[str, Any]] = []
+    accuracy: dict[str, dict[str, Any]] = {}
     prompts = templates_for(templates, sae.model.name)
     for model in MODELS:
         clip = SplicedCLIP.load(sae, pretrained=weights[model], device=device)
@@ -174,7 +176,7 @@ def _cross_masking(
     return rows, accuracy
 
 
-def _masking_png(rows: list[dict[str, Any]], accuracy: dict[str, dict[str, float]]) -> bytes:
+def _masking_png(rows: list[dict[str, Any]], accuracy: dict[str, dict[str, Any]]) -> bytes:
     """The two models' accuracy-vs-k plots, side by side."""
     from PIL import Image
 
@@ -292,7 +294,7 @@ def _write(out_dir: Path, files: dict[str, bytes]) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, content in files.items():
-        atomic_write(out_dir / name, lambda p, c=content: p.write_bytes(c), name)
+        atomic_write(out_dir / name, partial(Path.write_bytes, data=content), name)
 
 
 def _log(sae: TrainedSAE, out_dir: Path, result: dict[str, Any], names: list[str]) -> None:

@@ -267,7 +267,7 @@ def _reduce(passes: _Pass, dist: Distributed) -> tuple[LatentStatistics, dict, i
     keep = set(top_ids.unique().tolist())
     refs: dict[int, tuple[str, int, int]] = {}
     for part in dist.all_gather_object({i: v for i, v in passes.refs.items() if i in keep}):
-        refs.update(part)  # type: ignore[arg-type]
+        refs.update(part)
     return stats, refs, skipped
 
 
@@ -325,7 +325,7 @@ def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
     dist.barrier()
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)
-        if options.mlflow:
+        if options.mlflow and result is not None:
             log_to_mlflow(sae, result)
     return result
 

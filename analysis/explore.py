@@ -286,6 +286,51 @@ class Explorer:
         return sorted(paths)
 
 
+class _Handlers:
+    """The app's event handlers: what each user action computes, through the explorer."""
+
+    def __init__(self, explorer: Explorer) -> None:
+        self.explorer = explorer
+
+    def on_image(self, image: Any) -> tuple[Any, ...]:
+        import gradio as gr
+
+        ex = self.explorer
+        if image is None:
+            return None, None, gr.update(choices=[], value=None), "", None
+        view = ex.inspect(image)
+        choices = ex.latent_choices(view)
+        groups = ex.groups(view)
+        summary = (
+            "  \n".join(f"**{g}** ({len(groups[g])}): {', '.join(map(str, groups[g])) or '-'}"
+                        for g in GROUPS)  # fmt: skip
+            if ex.adapted else
+            f"Top {len(choices)} latents by image-level activation (mean over all tokens)."
+        )  # fmt: skip
+        first = choices[0][1] if choices else None
+        plot = ex.activation_plot(view)
+        return view, plot, gr.update(choices=choices, value=first), summary, first
+
+    def on_latent(self, view: ImageView | None, latent: Any) -> list[Any]:
+        ex = self.explorer
+        if view is None or latent is None:
+            return [*([None] * len(ex.models)), "", [], latent]
+        masks = ex.masks(view, int(latent))
+        return [*(masks[m] for m in ex.models), ex.latent_stats(int(latent)),
+                ex.references(int(latent)), int(latent)]  # fmt: skip
+
+    def on_patch(self, view: ImageView | None, latent: Any, evt: Any) -> tuple[Any, str]:
+        """``evt``: Gradio's SelectData of a click on a mask (pixel coordinates)."""
+        ex = self.explorer
+        if view is None or latent is None:
+            return None, ""
+        x, y = evt.index
+        scale = max(1, DISPLAY // max(view.image.size))
+        patch = ex.patch_at(view, x, y, (view.image.width * scale, view.image.height * scale))
+        w = ex.makers["base"].grid[1]
+        return ex.patch_top(view, patch), f"Patch {patch} (row {patch // w}, column {patch % w})"
+
+
 def build_app(explorer: Explorer) -> Any:
     """The Gradio Blocks app around ``explorer``."""
     import gradio as gr
@@ -298,41 +343,10 @@ def build_app(explorer: Explorer) -> Any:
     )
     if explorer.adapted:
         title += f"; base vs adapted weights {explorer.adapted}"
+    handlers = _Handlers(explorer)
 
-    def on_image(image):
-        if image is None:
-            return None, None, gr.update(choices=[], value=None), "", None
-        view = explorer.inspect(image)
-        choices = explorer.latent_choices(view)
-        groups = explorer.groups(view)
-        summary = (
-            "  \n".join(f"**{g}** ({len(groups[g])}): {', '.join(map(str, groups[g])) or '-'}"
-                        for g in GROUPS)  # fmt: skip
-            if explorer.adapted else
-            f"Top {len(choices)} latents by image-level activation (mean over all tokens)."
-        )  # fmt: skip
-        first = choices[0][1] if choices else None
-        return view, explorer.activation_plot(view), gr.update(choices=choices, value=first), \
-            summary, first  # fmt: skip
-
-    def on_latent(view, latent):
-        if view is None or latent is None:
-            return [*([None] * len(models)), "", [], latent]
-        masks = explorer.masks(view, int(latent))
-        return [*(masks[m] for m in models), explorer.latent_stats(int(latent)),
-                explorer.references(int(latent)), int(latent)]  # fmt: skip
-
-    def on_patch(view, latent, evt: gr.SelectData):
-        if view is None or latent is None:
-            return None, ""
-        x, y = evt.index
-        scale = max(1, DISPLAY // max(view.image.size))
-        size = (view.image.width * scale, view.image.height * scale)
-        patch = explorer.patch_at(view, x, y, size)
-        h, w = explorer.makers["base"].grid
-        return explorer.patch_top(
-            view, patch
-        ), f"Patch {patch} (row {patch // w}, column {patch % w})"
+    def on_patch(view: Any, latent: Any, evt: gr.SelectData) -> tuple[Any, str]:
+        return handlers.on_patch(view, latent, evt)
 
     # Gradio finds the event argument by its annotation; spelled as a string (this module's
     # postponed annotations) it would not resolve, so it is set to the class itself.
@@ -379,9 +393,10 @@ def build_app(explorer: Explorer) -> Any:
                 refs = gr.Gallery(label="reference images (base model)", columns=5, height=360,
                                   elem_id="references")  # fmt: skip
 
-        image.change(on_image, image, [view_state, plot, latent, groups, number])
-        latent.change(on_latent, [view_state, latent], [*mask_images, stats, refs, number])
-        number.submit(on_latent, [view_state, number], [*mask_images, stats, refs, number])
+        image.change(handlers.on_image, image, [view_state, plot, latent, groups, number])
+        outputs = [*mask_images, stats, refs, number]
+        latent.change(handlers.on_latent, [view_state, latent], outputs)
+        number.submit(handlers.on_latent, [view_state, number], outputs)
         for picture in mask_images:
             picture.select(on_patch, [view_state, latent], [patch_table, patch_label])
     return app

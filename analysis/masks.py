@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -55,7 +57,7 @@ class MaskMaker:
         """``image`` resized and cropped as the preprocessing does, without normalising."""
         from torchvision.transforms import Normalize
 
-        x = image.convert("RGB")
+        x: Any = image.convert("RGB")  # a PIL image, then a tensor after ToTensor
         for transform in self.preprocess.transforms:
             if isinstance(transform, Normalize):
                 break
@@ -108,7 +110,9 @@ def overlay(
     from matplotlib import colormaps
 
     if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST)
+        image = image.resize(
+            (image.width * scale, image.height * scale), PIL.Image.Resampling.NEAREST
+        )
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
     act = upsample(grid_hw, (rgb.shape[0], rgb.shape[1]))
     top = float(vmax if vmax is not None else act.max())
@@ -117,6 +121,10 @@ def overlay(
     alpha = (0.75 * level)[..., None]
     out = np.where(act[..., None] > 0, rgb * (1 - alpha) + colour * alpha, rgb * 0.5)
     return PIL.Image.fromarray((out * 255).round().astype(np.uint8))
+
+
+def _save_png(picture: PIL.Image.Image, path: Path) -> None:
+    picture.save(path, format="PNG")
 
 
 def read_image(path: str | Path) -> PIL.Image.Image:
@@ -164,7 +172,7 @@ def write_masks(
     for j, grid in zip(result.latents, result.grids_LHW, strict=True):
         path = out / f"{stem}.latent{j}.png"
         picture = overlay(result.image, grid, scale=scale)
-        atomic_write(path, lambda p, pic=picture: pic.save(p, format="PNG"))
+        atomic_write(path, partial(_save_png, picture))
         written.append(path)
     record = {
         "image": str(image_path),

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +291,7 @@ def write_report(
     atomic_write(folder / "scatter.png", lambda p: p.write_bytes(scatter), "the scatter plot")
     (folder / "latents").mkdir(exist_ok=True)
     for j, grid in sections:
-        atomic_write(folder / "latents" / f"latent_{j}.png", lambda p, g=grid: p.write_bytes(g))
+        atomic_write(folder / "latents" / f"latent_{j}.png", partial(Path.write_bytes, data=grid))
     path = folder / REPORT
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"), "the report")
     if mlflow:  # the analysis itself was logged by analyze

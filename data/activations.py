@@ -98,7 +98,8 @@ def load_visual(
     seeded random init. The text tower is dropped: only the image side is needed.
     """
     model, preprocess = load_clip(name, pretrained, cache_dir=cache_dir, init_seed=init_seed)
-    return model.visual, preprocess
+    visual: Any = model.visual
+    return visual, preprocess
 
 
 def load_clip(
@@ -169,10 +170,15 @@ class ActivationSource(nn.Module):
     CLS token) or ``patches``.
     """
 
+    visual: Any  # open_clip's VisionTransformer: its attributes are not typed
+    block: nn.Module
+    width: int
+    n_patches: int
+
     def __init__(self, visual: nn.Module, layer: int, tokens: str = "all") -> None:
         super().__init__()
         self.visual = visual
-        blocks = visual.transformer.resblocks
+        blocks: Any = self.visual.transformer.resblocks
         depth = len(blocks)
         if not -depth <= layer < depth:
             raise ModelError(
@@ -182,10 +188,10 @@ class ActivationSource(nn.Module):
             raise ModelError(f"tokens {tokens!r}: use one of {', '.join(TOKEN_SELECTIONS)}")
         self.layer, self.tokens = layer % depth, tokens
         self.block = blocks[self.layer]
-        grid = visual.grid_size
-        self.n_patches = grid[0] * grid[1]
-        self.width = visual.transformer.width
-        self.image_size = visual.image_size
+        grid = self.visual.grid_size
+        self.n_patches = int(grid[0] * grid[1])
+        self.width = int(self.visual.transformer.width)
+        self.image_size = self.visual.image_size
 
     @property
     def tokens_per_image(self) -> int:

@@ -163,7 +163,7 @@ def _background(rng: np.random.Generator, size: int) -> tuple[str, np.ndarray]:
     channels = [
         np.asarray(
             Image.fromarray(coarse[..., c].astype(np.float32), mode="F").resize(
-                (size, size), Image.BICUBIC
+                (size, size), Image.Resampling.BICUBIC
             )
         )
         for c in range(3)
@@ -204,7 +204,9 @@ def _paper(rng: np.random.Generator, size: int) -> np.ndarray:
     """A sketch's background: light, slightly uneven grey paper, float [size, size, 3]."""
     tone = rng.uniform(225, 250)
     coarse = rng.normal(0, 6, (4, 4)).astype(np.float32)
-    smooth = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.BICUBIC))
+    smooth = np.asarray(
+        Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC)
+    )
     return np.broadcast_to((tone + smooth)[..., None], (size, size, 3)).copy()
 
 

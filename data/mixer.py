@@ -48,8 +48,10 @@ class TokenMixer:
             while self.count < self.capacity:
                 self._append(produce())
             perm = torch.randperm(self.count, generator=self.generator)
+            assert self.buffer_ND is not None  # produce() filled it
             live = self.buffer_ND[: self.count]
             live.copy_(live[perm.to(live.device)])
+        assert self.buffer_ND is not None  # at least half full here
         self.count -= n
         return self.buffer_ND[self.count : self.count + n].clone()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -48,12 +48,12 @@ class TokenStream:
         """Skipped samples per shard in finished epochs (the current one is in ``_ordered``)."""
         self._resume: dict[str, Any] | None = None
         self._ordered: OrderedBatches | None = None
-        self._batches: Iterator[dict] | None = None
+        self._batches: Generator[dict, None, None] | None = None
         self.wait_s = 0.0
         """Seconds spent producing tokens (reading, decoding, CLIP forward); the trainer turns
         it into ``perf/data_wait_frac``."""
 
-    def _epochs(self) -> Iterator[dict]:
+    def _epochs(self) -> Generator[dict, None, None]:
         while True:
             position = self._resume or {}
             self._resume = None
@@ -134,7 +134,7 @@ class TokenStream:
         if self._ordered is not None:
             position = self._ordered.position()
         else:  # between epochs, or restored and not started: the saved position stands
-            position = self._resume
+            position = self._resume or {}
         return {
             "epoch": self.epoch,
             "position": position or {},

@@ -109,6 +109,7 @@ class SAELossFunction(torch.autograd.Function):
 
         probes = []
         if capacity:
+            assert enc.nnz_N is not None  # the encode kept a sparse code
             probes += [enc.nnz_N.sum(dtype=torch.int64), enc.nnz_N.max().to(torch.int64)]
         if ghost_mask_F is not None:
             probes.append(ghost_mask_F.sum(dtype=torch.int64))
@@ -121,6 +122,7 @@ class SAELossFunction(torch.autograd.Function):
 
         idx_NK = val_NK = None
         if info.sparse:
+            assert enc.idx_NK is not None and enc.val_NK is not None and enc.nnz_N is not None
             idx_NK, val_NK = enc.idx_NK, enc.val_NK
             dec = tk.decode_sparse(idx_NK, val_NK, enc.nnz_N, W_dec_FD, b_dec_D, x_ND, w_N)
         else:
@@ -242,7 +244,7 @@ def triton_sae_loss(
         float(l1_coeff), mse_norm, bool(l1_decoder_norm), float(sparse_threshold), info,
     )  # fmt: skip
     mse, l1 = mse.to(x_ND.dtype), l1.to(x_ND.dtype)
-    if info.ghost_latents == 0:
+    if info.ghost_latents == 0 or ghost_mask_F is None:
         aux = torch.zeros((), dtype=x_ND.dtype, device=x_ND.device)
     else:
         aux = _ghost_term(x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, x_hat_ND, ghost_mask_F,

@@ -227,13 +227,14 @@ def encode(
     f_NF = output_buffer((N, F), xc_ND.dtype, dev)
     l1_N = torch.zeros(N, dtype=torch.float32, device=dev)
     colsum_F = torch.zeros(F, dtype=torch.float32, device=dev) if colsum else None
+    nnz_N: Tensor | None = None
+    idx_NK: Tensor | None = None
+    val_NK: Tensor | None = None
     if capacity > 0:
         assert N * capacity < 2**31, "sparse code too large for int32 offsets"
         nnz_N = torch.zeros(N, dtype=torch.int32, device=dev)
         idx_NK = output_buffer((N, capacity), torch.int32, dev)
         val_NK = output_buffer((N, capacity), xc_ND.dtype, dev)
-    else:
-        nnz_N = idx_NK = val_NK = None
     dummy = l1_N  # for pointers a variant does not touch
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_M"]) * triton.cdiv(F, meta["BLOCK_N"]),)
     _launch(

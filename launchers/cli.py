@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -247,10 +248,7 @@ def _sync_mlflow(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="patchsae", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train(sub: Any) -> None:
     p = sub.add_parser("train", help="train an SAE from a YAML recipe")
     p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/demo.yaml")
     p.add_argument(
@@ -271,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_train)
 
+
+def _add_make_demo_data(sub: Any) -> None:
     p = sub.add_parser("make-demo-data", help="write the demo's WebDataset image shards")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n-images", type=int, default=2000)
@@ -291,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=_make_demo_data)
 
+
+def _add_make_demo_clip(sub: Any) -> None:
     p = sub.add_parser(
         "make-demo-clip", help="train the demo CLIP on captioned demo images (make-demo-data)"
     )
@@ -312,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_demo_clip)
 
+
+def _add_analyze(sub: Any) -> None:
     p = sub.add_parser(
         "analyze",
         help="per-latent statistics, reference images and class counts of a trained SAE",
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=_analyze)
 
+
+def _add_masks(sub: Any) -> None:
     p = sub.add_parser(
         "masks", help="per-patch masks of an image's top latents, overlaid on the image"
     )
@@ -361,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_masks)
 
+
+def _add_report(sub: Any) -> None:
     p = sub.add_parser(
         "report", help="the latent report (scatter, table, reference images with masks) as HTML"
     )
@@ -374,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
     p.set_defaults(func=_report)
 
+
+def _add_eval_zeroshot(sub: Any) -> None:
     p = sub.add_parser(
         "eval-zeroshot", help="zero-shot accuracy without and with the SAE spliced into the CLIP"
     )
@@ -395,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
     p.set_defaults(func=_eval_zeroshot)
 
+
+def _add_eval_masking(sub: Any) -> None:
     p = sub.add_parser(
         "eval-masking", help="zero-shot accuracy with each class's top-k latents kept or removed"
     )
@@ -421,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
     p.set_defaults(func=_eval_masking)
 
+
+def _add_compare(sub: Any) -> None:
     p = sub.add_parser(
         "compare",
         help="base vs adapted CLIP under one SAE: per-class shared, gained and lost latents",
@@ -444,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to the SAE's MLflow run")
     p.set_defaults(func=_compare)
 
+
+def _add_explore(sub: Any) -> None:
     p = sub.add_parser(
         "explore",
         help="a local web app: an image's top latents, their masks and reference images",
@@ -461,10 +477,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_explore)
 
+
+def _add_sync_mlflow(sub: Any) -> None:
     p = sub.add_parser("sync-mlflow", help="send MLflow records left unsent by an outage")
     p.add_argument("run_dir")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=_sync_mlflow)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="patchsae", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
+    _add_make_demo_data(sub)
+    _add_make_demo_clip(sub)
+    _add_analyze(sub)
+    _add_masks(sub)
+    _add_report(sub)
+    _add_eval_zeroshot(sub)
+    _add_eval_masking(sub)
+    _add_compare(sub)
+    _add_explore(sub)
+    _add_sync_mlflow(sub)
     return parser
 
 

@@ -299,7 +299,7 @@ def pick_verified(resume: str, folder: Path, verify_fn: Callable[[Path], list[st
             f"{CHECKPOINTS}/step_*); pass a run directory that has checkpoints, or start "
             "without --resume"
         )
-    rejected = []
+    rejected: list[str] = []
     for path in found:
         problems = verify_fn(path)
         if not problems:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -446,7 +447,7 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"config error: {path} is not valid YAML ({err}); fix the file") from err
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML recipe, apply ``section.key=value`` overrides and validate everything that
     can be checked without reading data (the hook layer against the model's depth included)."""
     raw: dict[str, Any] = {}

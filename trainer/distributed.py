@@ -188,10 +188,10 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
-    def all_gather_object(self, obj: object) -> list[object]:
+    def all_gather_object(self, obj: Any) -> list[Any]:
         if not self.active:
             return [obj]
-        out: list[object] = [None] * self.world_size
+        out: list[Any] = [None] * self.world_size
         dist.all_gather_object(out, obj)
         return out
 
@@ -581,7 +581,8 @@ class ZeroEngine:
     def _normalize_decoder(self, keep: Tensor) -> None:
         """Rescale every decoder row to unit norm in the fp32 master weights and in the
         parameters the next forward uses (unless ``keep`` is false: a skipped step)."""
-        W = self.sae.W_dec
+        # Under stage 3 a DeepSpeed partitioned parameter: its ds_* attributes are not typed.
+        W: Any = self.sae.W_dec
         if self.stage < 3:
             # Parameters are whole on every rank (and equal): normalise them, then write this
             # rank's piece of the fp32 master copy that the optimiser steps.
@@ -621,7 +622,7 @@ class ZeroEngine:
         """Bytes of SAE training state this rank holds: its parameter partition (whole
         parameters below stage 3, and stage-3 parameters kept whole by the persistence
         threshold), the fp32 master partition where it is a separate copy, the Adam moments."""
-        params = list(self.sae.parameters())
+        params: list[Any] = list(self.sae.parameters())  # ds_* attributes are not typed
         whole = 0  # persistent stage-3 parameters: whole on every rank once first used
         if self.stage == 3:
             held = [p.ds_tensor for p in params]

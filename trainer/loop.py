@@ -55,13 +55,13 @@ class Plan:
     @classmethod
     def make(cls, cfg: Config, tokens_per_image: int, world_size: int) -> Plan:
         t = cfg.train
-        batch = t.batch_tokens if t.batch_tokens is not None else t.batch_images * tokens_per_image
+        batch = t.batch_tokens or (t.batch_images or 0) * tokens_per_image  # one is set
         if batch % world_size:
             raise ConfigError(
                 f"train.batch_tokens={batch} does not split over {world_size} ranks; "
                 f"use a multiple of {world_size}"
             )
-        total = t.total_tokens if t.total_tokens is not None else t.total_images * tokens_per_image
+        total = t.total_tokens or (t.total_images or 0) * tokens_per_image  # one is set
         local = batch // world_size
         if 2 * local > cfg.data.mix_buffer_tokens:
             raise ConfigError(
@@ -223,7 +223,8 @@ class Trainer:
         """The SAE (seeded; initialised from the data on a fresh start), its running latent
         statistics and metric sums, and the step counters."""
         cfg = self.cfg
-        d, f = self.source.width, cfg.sae.n_latents or cfg.sae.expansion * self.source.width
+        d = self.source.width
+        f = cfg.sae.n_latents or (cfg.sae.expansion or 0) * d  # exactly one of them is set
         torch.manual_seed(cfg.train.seed)
         self.sae = SparseAutoencoder(d, f).to(self.dist.device)
         self.stats = LatentStats(f, cfg.train.dead_window_tokens, self.dist.device)
@@ -371,7 +372,7 @@ class Trainer:
         }
 
     def _state(self) -> dict[str, Any]:
-        rng = {"cpu": torch.get_rng_state()}
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
@@ -481,11 +482,11 @@ class Trainer:
         now = time.perf_counter()
         elapsed = max(now - clock["t"], 1e-9)
         wait = self.stream.wait_s - clock["wait"]
-        images = torch.tensor(
+        counts = torch.tensor(
             [float(self.stream.images_seen - clock["images"]), float(self.stream.skipped_total)],
             dtype=torch.float64,
         )
-        images = self.dist.all_reduce_sum(images.to(self.dist.device)).tolist()
+        images: list[float] = self.dist.all_reduce_sum(counts.to(self.dist.device)).tolist()
         metrics.update(
             {
                 "sparsity/dead_frac": float(self.stats.dead_frac()),

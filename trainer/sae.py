@@ -66,6 +66,8 @@ def tangent_grad(W_FD: Tensor) -> Tensor:
 class SparseAutoencoder(nn.Module):
     """ReLU SAE with untied weights and unit-norm decoder rows."""
 
+    input_scale: Tensor
+
     def __init__(self, d_in: int, n_latents: int) -> None:
         super().__init__()
         self.d_in, self.n_latents = d_in, n_latents

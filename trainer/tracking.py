@@ -495,7 +495,9 @@ class _Sender:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
                 # Another process created it between our lookup and create.
-                experiment_id = client.get_experiment_by_name(name).experiment_id
+                created = client.get_experiment_by_name(name)
+                assert created is not None  # it exists: creating it clashed
+                experiment_id = created.experiment_id
 
         run_id = op.get("run_id")
         if run_id:
@@ -659,7 +661,7 @@ class Tracker:
         line = json.dumps(record)
         ops = [
             {**record, "op": "metrics", "metrics": chunk}
-            for chunk in _chunks(record["metrics"], MAX_METRICS_PER_BATCH)
+            for chunk in _chunks(dict(record["metrics"]), MAX_METRICS_PER_BATCH)  # type: ignore[call-overload]
         ]
         with self._cond:  # one critical section: the file and the queue never disagree
             self._check_open()
