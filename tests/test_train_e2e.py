@@ -434,8 +434,15 @@ def test_tracking_server_outage_loses_no_metric(tmp_path, demo_shards):
         for key in ("loss/total", "quality/fvu", "sparsity/l0"):
             history = client.get_metric_history(run_id, key)
             assert sorted(m.step for m in history) == list(range(1, steps + 1)), key
-        assert client.get_run(run_id).info.status == "FINISHED"
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
         assert "MLflow" in stderr  # the outage was reported, once, as a warning
+        # The params and the artifacts reached the run as well (the export after the outage).
+        assert run.data.params["train.total_tokens"] == str(steps * 1024)
+        assert run.data.params["kernels/path"] == "eager"
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        artifacts |= {a.path for a in client.list_artifacts(run_id, "sae")}
+        assert {"config.yaml", "sae/sae.safetensors", "sae/cfg.json"} <= artifacts
     finally:
         server.stop()
 
