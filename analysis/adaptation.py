@@ -147,6 +147,7 @@ def _cross_masking(
     seed: int,
     batch_images: int,
     device: str,
+    selection: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
     """Each model evaluated with each model's class latents (and a random baseline) kept or
     zeroed; returns the rows (with ``model``) and each model's plain and spliced accuracy."""
@@ -159,7 +160,7 @@ def _cross_masking(
         order = {f"{m}-class": ranked_latents(counts[m], counts[m].sum(0), seed)["class"]
                  for m in MODELS}  # fmt: skip
         order["random"] = ranked_latents(counts["base"], counts["base"].sum(0), seed)["random"]
-        table = sweep(clip, text_CE, order, ks, data, batch_images)
+        table = sweep(clip, text_CE, order, ks, data, batch_images, selection=selection)
         accuracy[model] = {
             "clip": table.accuracy(table.clip_correct_C),
             "spliced": table.accuracy(table.spliced_correct_C),
@@ -266,7 +267,7 @@ def compare_models(
         k_values = parse_ks(ks, sae.n_latents)
         rows, accuracy = _cross_masking(
             sae, weights, counts, names, data, k_values, templates=templates, seed=seed,
-            batch_images=batch_images, device=device,
+            batch_images=batch_images, device=device, selection=Path(base),
         )  # fmt: skip
         result |= {"data": data, "accuracy": accuracy, "masking": rows}
         files["masking.csv"] = _masking_csv(rows, names).encode()

@@ -12,7 +12,8 @@ Outputs (``out``):
 * ``latents.parquet``: one row per latent (frequency, mean activation, entropy, top classes...);
 * ``reference_images.parquet``: one row per (latent, rank) reference image: shard, key,
   image id, value, label, class name;
-* ``summary.json``: the dataset, the settings, image and token counts.
+* ``summary.json``: the dataset, the settings, image and token counts;
+* ``image_digests.safetensors``: a 64-bit digest of every analysed image's bytes.
 """
 
 from __future__ import annotations
@@ -41,10 +42,14 @@ from patchsae.data.shards import ImageShards, OrderedBatches, expand_urls
 from patchsae.trainer.checkpoint import atomic_write, torch_save
 from patchsae.trainer.config import DistributedConfig
 from patchsae.trainer.distributed import Distributed
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
+DIGESTS = "image_digests.safetensors"
+"""The image_digest of every analysed image (sorted, unique): evaluations refuse splits that
+share an image with the analysis, whatever shard or key it has there."""
 PARTIAL = ".partial"
 """Per-rank resumable state of an unfinished pass, inside ``out``'s parent."""
 
@@ -127,6 +132,7 @@ class _Pass:
         self.refs: dict[int, tuple[str, int, int]] = {}  # image id -> (key, shard index, label)
         self.skipped = 0
         self.batches = 0
+        self.digests: list[int] = []  # image_digest of every image read, for disjoint checks
         self.position: dict[str, Any] | None = None
         self.partial = partial
         self.state_path = partial / f"rank{dist.rank}.pt"
@@ -151,6 +157,7 @@ class _Pass:
         self.positions = list(state["positions"])
         self.refs = {int(i): (k, int(s), int(label)) for i, (k, s, label) in state["refs"].items()}
         self.skipped, self.batches = state["skipped"], state["batches"]
+        self.digests = state["digests"].tolist()
         self.position = state["position"]
         return True
 
@@ -163,6 +170,7 @@ class _Pass:
             "refs": {int(i): list(v) for i, v in self.refs.items()},
             "skipped": self.skipped + ordered.skipped_total,
             "batches": self.batches,
+            "digests": torch.tensor(self.digests, dtype=torch.int64),
             "position": ordered.position(),
         }
         self.partial.mkdir(parents=True, exist_ok=True)
@@ -207,6 +215,7 @@ class _Pass:
     def _add(self, batch: dict[str, Any]) -> None:
         if not batch["keys"]:
             return
+        self.digests += batch["digests"]
         ids = []
         for url in batch["urls"]:
             s = self.url_index[url]
@@ -233,6 +242,22 @@ class _Pass:
                 self.refs[i] = (key, self.url_index[url], int(label))
         if len(self.refs) > 4 * self.options.k * self.sae.n_latents:
             self._prune_refs()
+
+
+def read_digests(folder: Path) -> Tensor | None:
+    """The analysed images' digests of an analysis folder; None for an analysis written before
+    they were recorded."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / DIGESTS
+    return load_file(str(path))["digests"] if path.is_file() else None
+
+
+def _gather_digests(passes: _Pass, dist: Distributed) -> Tensor:
+    """Every rank's image digests, sorted and unique (on the main rank; empty elsewhere)."""
+    mine = torch.tensor(passes.digests, dtype=torch.int64)
+    parts = dist.all_gather_object(mine) if dist.active else [mine]
+    return torch.unique(torch.cat(parts)) if dist.is_main else mine[:0]
 
 
 def _reduce(passes: _Pass, dist: Distributed) -> tuple[LatentStatistics, dict, int]:
@@ -315,13 +340,16 @@ def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
     if int(stopped):
         return None
     stats, refs, skipped = _reduce(passes, dist)
+    digests = _gather_digests(passes, dist)
     if stats.images == 0:  # the reduced count: every rank stops alike
         raise AnalysisError(
             f"no readable image in {options.data} ({skipped} samples skipped); check --data"
         )
     result = None
     if dist.is_main:
-        result = write_results(out, sae, stats, refs, urls, names, options, skipped, passes.tokens)
+        result = write_results(
+            out, sae, stats, refs, urls, names, options, skipped, passes.tokens, digests
+        )
     dist.barrier()
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)
@@ -340,6 +368,7 @@ def write_results(
     options: AnalyzeOptions,
     skipped: int,
     tokens: str,
+    digests: Tensor | None = None,
 ) -> Path:
     """Write every output into ``out`` through a temp folder and one rename."""
     from safetensors.torch import save_file
@@ -356,6 +385,8 @@ def write_results(
         save_file(
             {k: v.contiguous() for k, v in res.items()}, str(tmp / "latent_stats.safetensors")
         )
+        if digests is not None:
+            save_file({"digests": digests.contiguous()}, str(tmp / DIGESTS))
         _latent_table(res, names).to_parquet(tmp / "latents.parquet", index=False)
         _reference_table(res, refs, urls, names).to_parquet(
             tmp / "reference_images.parquet", index=False

@@ -185,13 +185,22 @@ def sweep(
     ks: list[int],
     data: str,
     batch_images: int,
+    selection: Path | None = None,
 ) -> MaskingTable:
     """Every (selection, mode, k) over the labelled images of ``data``; ``order`` maps each
-    selection's name to its ``[C, F]`` latent order (:func:`ranked_latents`)."""
+    selection's name to its ``[C, F]`` latent order (:func:`ranked_latents`). ``selection``:
+    the analysis folder the latents were chosen from; an image of ``data`` that it read (by
+    content, in any shard) stops the sweep."""
+    from patchsae.analysis.analyze import read_digests
+
     C = next(iter(order.values())).shape[0]
     table = MaskingTable(ks, C, tuple(order))
     rank_SCF = class_ranks(order, clip.device)
-    for pixels, labels, _ in labelled_batches(data, clip.preprocess, batch_images):
+    refuse = read_digests(selection) if selection is not None else None
+    batches = labelled_batches(
+        data, clip.preprocess, batch_images, refuse=refuse, refused=f"the analysis {selection}"
+    )
+    for pixels, labels, _ in batches:
         bad = labels[(labels < 0) | (labels >= C)]
         if len(bad):
             raise AnalysisError(
@@ -296,7 +305,7 @@ def eval_masking(
     clip = SplicedCLIP.load(sae, pretrained=pretrained, device=device)
     text_CE = clip.classifier(names, templates_for(templates, sae.model.name))
     order = ranked_latents(counts_CF, stats["dataset_counts_F"], seed)
-    table = sweep(clip, text_CE, order, k_values, data, batch_images)
+    table = sweep(clip, text_CE, order, k_values, data, batch_images, selection=analysis)
     rows = table.rows()
     spliced = table.accuracy(table.spliced_correct_C)
     result = {

@@ -187,14 +187,31 @@ class Accuracy:
 
 
 def labelled_batches(
-    urls: str, preprocess: Any, batch_images: int
+    urls: str,
+    preprocess: Any,
+    batch_images: int,
+    *,
+    refuse: Tensor | None = None,
+    refused: str = "",
 ) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
-    """``(pixels, labels, keys)`` batches of the shards ``urls``, in shard then tar order."""
-    from patchsae.data.shards import decode_image, expand_urls, iter_samples
+    """``(pixels, labels, keys)`` batches of the shards ``urls``, in shard then tar order.
+
+    ``refuse``: sorted image digests (an analysis's ``image_digests``) that no image here may
+    have: the first that does raises :class:`AnalysisError` naming it and ``refused``."""
+    from patchsae.data.shards import decode_image, expand_urls, image_digest, iter_samples
 
     pixels, labels, keys = [], [], []
     for url in expand_urls(urls):
         for sample in iter_samples(url):
+            if refuse is not None and len(refuse):
+                digest = torch.tensor([image_digest(sample)])
+                at = int(torch.searchsorted(refuse, digest))
+                if at < len(refuse) and int(refuse[at]) == int(digest):
+                    raise AnalysisError(
+                        f"image {sample['__key__']} of {url} is also an image of {refused} (the "
+                        "same bytes): latents would be chosen on the images they are scored on; "
+                        "evaluate on images the analysis did not read"
+                    )
             pixels.append(preprocess(decode_image(sample)))
             labels.append(int(sample["cls"].decode().strip()))
             keys.append(f"{url}:{sample['__key__']}")

@@ -28,6 +28,7 @@ shuffle settings, world_size and num_workers are unchanged.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
@@ -174,7 +175,8 @@ class ImageShards(IterableDataset):
     """Batches of (preprocessed image, label) from tar shards; see the module docstring.
 
     Each yielded item is a dict ``{"pixels": FloatTensor[b, 3, H, W], "labels": LongTensor[b],
-    "keys": list[str], "urls": list[str] (each sample's shard), "worker": int, "index": int,
+    "keys": list[str], "urls": list[str] (each sample's shard), "digests": list[int] (each
+    image's :func:`image_digest`), "worker": int, "index": int,
     "skipped": int, "skipped_shards": dict[str, int], "done": False}`` where ``index`` is the
     worker's batch number in this epoch (skipped-for-resume batches included), ``skipped``
     counts samples lost since the worker's previous item and ``skipped_shards`` the same per
@@ -287,7 +289,7 @@ class ImageShards(IterableDataset):
                     # Whatever was lost up to here was reported before the interruption.
                     counter.take()
                 continue
-            pixels, labels, keys, urls = [], [], [], []
+            pixels, labels, keys, urls, digests = [], [], [], [], []
             for sample in raw:
                 try:
                     image, label = _decode(sample)
@@ -315,6 +317,7 @@ class ImageShards(IterableDataset):
                 labels.append(label)
                 keys.append(sample["__key__"])
                 urls.append(sample["__url__"])
+                digests.append(image_digest(sample))
             if pixels:
                 batch = torch.stack(pixels)
                 empty = batch.new_empty((0, *batch.shape[1:]))
@@ -330,6 +333,7 @@ class ImageShards(IterableDataset):
                 "labels": torch.tensor(labels, dtype=torch.long),
                 "keys": keys,
                 "urls": urls,
+                "digests": digests,
                 "worker": worker,
                 "index": index,
                 "skipped": sum(lost.values()),
@@ -350,6 +354,7 @@ class ImageShards(IterableDataset):
             "labels": None,
             "keys": [],
             "urls": [],
+            "digests": [],
             "worker": worker,
             "index": n_batches,
             "skipped": sum(lost.values()),
@@ -472,6 +477,13 @@ def _chunks(items: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, 
             chunk = []
     if chunk:
         yield chunk
+
+
+def image_digest(sample: dict[str, Any]) -> int:
+    """A 64-bit digest (BLAKE2b, as a signed int) of the sample's image bytes: the same image
+    has the same digest in any shard, under any key."""
+    data = next(sample[ext] for ext in IMAGE_EXTS if ext in sample)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
 def _decode(sample: dict[str, Any]) -> tuple[PIL.Image.Image, int]:

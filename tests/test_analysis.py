@@ -238,6 +238,10 @@ def _same_results(a: Path, b: Path) -> None:
         pd.read_parquet(a / "reference_images.parquet"),
         pd.read_parquet(b / "reference_images.parquet"),
     )
+    # Every analysed image's digest, once, whatever the ranks or interruptions.
+    digests = load_file(a / "image_digests.safetensors")["digests"]
+    assert torch.equal(digests, load_file(b / "image_digests.safetensors")["digests"])
+    assert len(digests) == json.loads((a / "summary.json").read_text())["images"]
 
 
 @pytest.mark.slow

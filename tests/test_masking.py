@@ -124,3 +124,29 @@ def test_bad_input_is_named_with_exit_2(analysed, demo_shards, tmp_path, data, e
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert match in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_images_the_analysis_read_are_refused_in_any_shard(analysed, demo_shards, tmp_path):
+    """The analysis keeps a digest of every image it read; an evaluation split holding one of
+    them, here in a renamed copy of a selection shard mixed with held-out ones, is refused
+    (exit 2, nothing written) although it shares no shard path with the selection."""
+    import shutil
+
+    from patchsae.analysis.analyze import read_digests
+    from patchsae.data.shards import expand_urls, image_digest, iter_samples
+
+    digests = read_digests(analysed / "analysis")
+    want = {image_digest(s) for url in expand_urls(f"{demo_shards}/{SELECT}")
+            for s in iter_samples(url)}  # fmt: skip
+    assert digests is not None and set(digests.tolist()) == want and len(want) == 120
+    assert torch.equal(digests, torch.sort(digests).values)
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(demo_shards / "shard-000004.tar", mixed / "a-heldout.tar")
+    shutil.copy(demo_shards / "shard-000001.tar", mixed / "b-copy.tar")
+    out = tmp_path / "eval"
+    proc = _masking(analysed, mixed, out, "--no-mlflow", "--k", "5")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "b-copy.tar is also an image of the analysis" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
