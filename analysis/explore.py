@@ -150,15 +150,34 @@ class Explorer:
         column = view.codes_TF[model].index_select(1, torch.tensor([latent])).to_dense()[:, 0]
         return column[1:].reshape(h, w)
 
-    def mask(self, view: ImageView, model: str, latent: int, vmax: float | None = None):
-        """The latent's mask over the image, drawn at about :data:`DISPLAY` pixels."""
-        scale = max(1, DISPLAY // max(view.image.size))
-        return overlay(view.image, self.grid(view, model, latent), vmax=vmax, scale=scale)
+    def mask(
+        self,
+        view: ImageView,
+        model: str,
+        latent: int,
+        vmax: float | None = None,
+        patch: int | None = None,
+    ) -> PIL.Image.Image:
+        """The latent's mask over the image, drawn at about :data:`DISPLAY` pixels; ``patch``
+        (row-major index) outlined in cyan."""
+        from PIL import ImageDraw
 
-    def masks(self, view: ImageView, latent: int) -> dict[str, PIL.Image.Image]:
-        """The latent's mask under each model, on one colour scale."""
+        scale = max(1, DISPLAY // max(view.image.size))
+        picture = overlay(view.image, self.grid(view, model, latent), vmax=vmax, scale=scale)
+        if patch is not None:
+            h, w = self.makers[model].grid
+            cw, ch = picture.width / w, picture.height / h
+            row, col = divmod(patch, w)
+            box = (col * cw, row * ch, (col + 1) * cw - 1, (row + 1) * ch - 1)
+            ImageDraw.Draw(picture).rectangle(box, outline=(0, 255, 255), width=2)
+        return picture
+
+    def masks(
+        self, view: ImageView, latent: int, patch: int | None = None
+    ) -> dict[str, PIL.Image.Image]:
+        """The latent's mask under each model, on one colour scale (``patch`` outlined)."""
         vmax = max(float(self.grid(view, m, latent).max()) for m in self.models) or None
-        return {m: self.mask(view, m, latent, vmax) for m in self.models}
+        return {m: self.mask(view, m, latent, vmax, patch) for m in self.models}
 
     def patch_at(self, view: ImageView, x: float, y: float, size: tuple[int, int]) -> int:
         """The patch (row-major index) under pixel ``(x, y)`` of a picture of ``size`` (W, H)."""
@@ -319,16 +338,19 @@ class _Handlers:
         return [*(masks[m] for m in ex.models), ex.latent_stats(int(latent)),
                 ex.references(int(latent)), int(latent)]  # fmt: skip
 
-    def on_patch(self, view: ImageView | None, latent: Any, evt: Any) -> tuple[Any, str]:
-        """``evt``: Gradio's SelectData of a click on a mask (pixel coordinates)."""
+    def on_patch(self, view: ImageView | None, latent: Any, evt: Any) -> list[Any]:
+        """``evt``: Gradio's SelectData of a click on a mask (pixel coordinates). Returns the
+        patch's top latents, its label and the masks with the patch outlined."""
         ex = self.explorer
         if view is None or latent is None:
-            return None, ""
+            return [None, "", *([None] * len(ex.models))]
         x, y = evt.index
         scale = max(1, DISPLAY // max(view.image.size))
         patch = ex.patch_at(view, x, y, (view.image.width * scale, view.image.height * scale))
         w = ex.makers["base"].grid[1]
-        return ex.patch_top(view, patch), f"Patch {patch} (row {patch // w}, column {patch % w})"
+        masks = ex.masks(view, int(latent), patch)
+        label = f"Patch {patch} (row {patch // w}, column {patch % w})"
+        return [ex.patch_top(view, patch), label, *(masks[m] for m in ex.models)]
 
 
 def build_app(explorer: Explorer) -> Any:
@@ -345,7 +367,7 @@ def build_app(explorer: Explorer) -> Any:
         title += f"; base vs adapted weights {explorer.adapted}"
     handlers = _Handlers(explorer)
 
-    def on_patch(view: Any, latent: Any, evt: gr.SelectData) -> tuple[Any, str]:
+    def on_patch(view: Any, latent: Any, evt: gr.SelectData) -> list[Any]:
         return handlers.on_patch(view, latent, evt)
 
     # Gradio finds the event argument by its annotation; spelled as a string (this module's
@@ -398,7 +420,7 @@ def build_app(explorer: Explorer) -> Any:
         latent.change(handlers.on_latent, [view_state, latent], outputs)
         number.submit(handlers.on_latent, [view_state, number], outputs)
         for picture in mask_images:
-            picture.select(on_patch, [view_state, latent], [patch_table, patch_label])
+            picture.select(on_patch, [view_state, latent], [patch_table, patch_label, *mask_images])
     return app
 
 

@@ -136,6 +136,10 @@ def test_explorer_shows_top_latents_masks_and_patches(
     dy = (row + 0.5) / 8 * box["height"] - box["height"] / 2
     ActionChains(browser).move_to_element_with_offset(mask, int(dx), int(dy)).click().perform()
     patch = row * 8 + col
+    _check_outline(
+        expected.mask(view, "base", latent, patch=patch), expected.mask(view, "base", latent),
+        row, col,
+    )  # fmt: skip
     wait_until(lambda: f"Patch {patch} " in browser.find_element(By.ID, "patch-label").text,
                30, "the patch's latents")  # fmt: skip
     table = expected.patch_top(view, patch)
@@ -148,6 +152,15 @@ def test_explorer_shows_top_latents_masks_and_patches(
         return [cells[i : i + 3] for i in range(0, len(cells), 5)]
 
     wait_until(lambda: shown_rows() == want_rows, 30, f"the rows {want_rows}")
+    # The masks now outline that patch.
+    outlined = expected.masks(view, latent, patch)
+    for model in ("base", "adapted"):
+        wait_until(
+            lambda m=model: np.array_equal(_png(_mask_src(browser, m)), np.asarray(outlined[m])),
+            30,
+            f"the {model} mask with patch {patch} outlined",
+        )
+    assert not np.array_equal(np.asarray(outlined["base"]), np.asarray(want["base"]))
 
     browser.execute_script("window.scrollTo(0, 0)")
     shot = browser.get_screenshot_as_png()
@@ -155,6 +168,17 @@ def test_explorer_shows_top_latents_masks_and_patches(
     # The screenshot shows the masks' colour map, not a blank page.
     rgb = np.asarray(PIL.Image.open(io.BytesIO(shot)).convert("RGB")).astype(int)
     assert ((rgb.max(axis=2) - rgb.min(axis=2)) > 60).mean() > 0.01
+
+
+def _check_outline(outlined: PIL.Image.Image, plain: PIL.Image.Image, row: int, col: int) -> None:
+    """The outline changes only the border of that patch's 32 x 32 block of the 256 px mask,
+    and that whole border is cyan."""
+    a, b = np.asarray(outlined).astype(int), np.asarray(plain).astype(int)
+    ys, xs = np.nonzero((a != b).any(axis=2))
+    assert ys.min() >= 32 * row and ys.max() <= 32 * row + 31
+    assert xs.min() >= 32 * col and xs.max() <= 32 * col + 31
+    border = a[32 * row, 32 * col : 32 * col + 32]
+    assert (border == [0, 255, 255]).all()
 
 
 def test_explorer_refuses_bad_input_before_serving(analyses, tmp_path):  # noqa: F811
