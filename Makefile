@@ -83,7 +83,7 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(or $(RUN_DIR),runs/demo)/mlflow.db --host 127.0.0.1 --port $(or $(PORT),5000)
