@@ -6,14 +6,7 @@ position every ``save_every`` batches, so an interrupted pass resumes where it s
 end the ranks' statistics are reduced (sums added, top-K merged) and rank 0 writes the results
 into ``out`` in one rename: a folder is either complete or absent.
 
-Outputs (``out``):
-
-* ``latent_stats.safetensors``: every tensor of ``LatentStatistics.results``;
-* ``latents.parquet``: one row per latent (frequency, mean activation, entropy, top classes...);
-* ``reference_images.parquet``: one row per (latent, rank) reference image: shard, key,
-  image id, value, label, class name;
-* ``summary.json``: the dataset, the settings, image and token counts;
-* ``image_digests.safetensors``: a 64-bit digest of every analysed image's bytes.
+The files it writes are described, written and read back in :mod:`patchsae.analysis.outputs`.
 """
 
 from __future__ import annotations
@@ -21,10 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +29,7 @@ from patchsae.analysis.model import (
     read_class_names,
     select_tokens,
 )
+from patchsae.analysis.outputs import log_to_mlflow, write_results
 from patchsae.analysis.stats import LatentStatistics, encode, image_id, merge_top
 from patchsae.data.shards import ImageShards, OrderedBatches, expand_urls
 from patchsae.trainer.checkpoint import atomic_write, torch_save
@@ -47,9 +40,6 @@ from torch.utils.data import DataLoader
 
 log = logging.getLogger(__name__)
 
-DIGESTS = "image_digests.safetensors"
-"""The image_digest of every analysed image (sorted, unique): evaluations refuse splits that
-share an image with the analysis, whatever shard or key it has there."""
 PARTIAL = ".partial"
 """Per-rank resumable state of an unfinished pass, inside ``out``'s parent."""
 
@@ -244,15 +234,6 @@ class _Pass:
             self._prune_refs()
 
 
-def read_digests(folder: Path) -> Tensor | None:
-    """The analysed images' digests of an analysis folder; None for an analysis written before
-    they were recorded."""
-    from safetensors.torch import load_file
-
-    path = Path(folder) / DIGESTS
-    return load_file(str(path))["digests"] if path.is_file() else None
-
-
 def _gather_digests(passes: _Pass, dist: Distributed) -> Tensor:
     """Every rank's image digests, sorted and unique (on the main rank; empty elsewhere)."""
     mine = torch.tensor(passes.digests, dtype=torch.int64)
@@ -356,186 +337,3 @@ def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
         if options.mlflow and result is not None:
             log_to_mlflow(sae, result)
     return result
-
-
-def write_results(
-    out: Path,
-    sae: TrainedSAE,
-    stats: LatentStatistics,
-    refs: dict[int, tuple[str, int, int]],
-    urls: list[str],
-    names: list[str] | None,
-    options: AnalyzeOptions,
-    skipped: int,
-    tokens: str,
-    digests: Tensor | None = None,
-) -> Path:
-    """Write every output into ``out`` through a temp folder and one rename."""
-    from safetensors.torch import save_file
-
-    labels_of = {i: label for i, (_, _, label) in refs.items()}
-    res = stats.results(labels_of)
-    n_classes = res["class_counts_CF"].shape[0]
-    names = list(names or [])
-    names += [str(c) for c in range(len(names), n_classes)]
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(
-            {k: v.contiguous() for k, v in res.items()}, str(tmp / "latent_stats.safetensors")
-        )
-        if digests is not None:
-            save_file({"digests": digests.contiguous()}, str(tmp / DIGESTS))
-        _latent_table(res, names).to_parquet(tmp / "latents.parquet", index=False)
-        _reference_table(res, refs, urls, names).to_parquet(
-            tmp / "reference_images.parquet", index=False
-        )
-        summary = {
-            "run_dir": str(sae.run_dir),
-            "mlflow_run_id": sae.mlflow_run_id,
-            "model": sae.model.name,
-            "pretrained": options.pretrained or sae.model.pretrained,
-            "layer": sae.model.layer,
-            "n_latents": sae.n_latents,
-            "data": options.data,
-            "shards": len(urls),
-            "images": stats.images,
-            "tokens": stats.tokens,
-            "skipped_samples": skipped,
-            "image_tokens": tokens,
-            "aggregate": options.aggregate,
-            "k": options.k,
-            "tau": options.tau,
-            "dead_latents": int(res["dead_F"].sum()),
-            "classes": names,
-            "options": asdict(options),
-        }
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _reference_table(
-    res: dict[str, torch.Tensor],
-    refs: dict[int, tuple[str, int, int]],
-    urls: list[str],
-    names: list[str],
-):
-    """One row per (latent, rank) reference image: shard, key, value, label, class."""
-    import pandas as pd
-
-    ids_KF = res["top_ids_KF"]
-    rank_K, latent_K = (ids_KF >= 0).nonzero(as_tuple=True)
-    rows = []
-    for r, j, i, v in zip(
-        rank_K.tolist(),
-        latent_K.tolist(),
-        ids_KF[rank_K, latent_K].tolist(),
-        res["top_values_KF"][rank_K, latent_K].tolist(),
-        strict=True,
-    ):
-        key, shard, label = refs[i]
-        rows.append((j, r, urls[shard], key, i, v, label, names[label]))
-    columns = ["latent", "rank", "shard", "key", "image_id", "value", "label", "class"]
-    table = pd.DataFrame(rows, columns=columns)
-    return table.sort_values(["latent", "rank"], ignore_index=True)
-
-
-def _latent_table(res: dict[str, torch.Tensor], names: list[str]):
-    import pandas as pd
-
-    counts_CF = res["class_counts_CF"]
-    total_F = counts_CF.sum(dim=0)
-    top = counts_CF.topk(min(3, counts_CF.shape[0]), dim=0) if counts_CF.shape[0] else None
-    rows: dict[str, Any] = {
-        "latent": range(counts_CF.shape[1]),
-        "frequency": res["frequency_F"].numpy(),
-        "token_frequency": res["token_frequency_F"].numpy(),
-        "mean_activation": res["mean_activation_F"].numpy(),
-        "dead": res["dead_F"].numpy(),
-        "entropy": res["entropy_F"].numpy(),
-        "n_references": res["n_references_F"].numpy(),
-        "dataset_count": total_F.numpy(),
-    }
-    if top is not None:
-        share = top.values.double() / total_F.clamp_min(1)
-        rows["top_class"] = [
-            names[c] if n else None
-            for c, n in zip(top.indices[0].tolist(), total_F.tolist(), strict=True)
-        ]
-        rows["top_class_share"] = share[0].numpy()
-        rows["top_classes"] = [
-            ", ".join(
-                f"{names[c]} ({s:.0%})"
-                for c, s, v in zip(
-                    top.indices[:, j].tolist(),
-                    share[:, j].tolist(),
-                    top.values[:, j].tolist(),
-                    strict=True,
-                )
-                if v > 0
-            )
-            for j in range(counts_CF.shape[1])
-        ]
-    return pd.DataFrame(rows)
-
-
-def mlflow_target(sae: TrainedSAE) -> tuple[str | None, str]:
-    """The SAE's MLflow run id and tracking URI. The run folder's ``mlflow_run.json`` (written
-    by the tracker once the run exists) wins over ``cfg.json``, whose id is missing when the
-    export was written before the run reached the server; a checkpoint folder looks in its run
-    folder."""
-    from patchsae.trainer.tracking import read_run_info, resolve_tracking_uri
-
-    configured = sae.cfg_json.get("config", {}).get("tracking", {}).get("tracking_uri")
-    for folder in (sae.run_dir, *sae.run_dir.resolve().parents[:2]):
-        info = read_run_info(folder)
-        if info and info.get("run_id"):
-            return info["run_id"], info.get("tracking_uri") or resolve_tracking_uri(
-                configured, folder
-            )
-    return sae.mlflow_run_id, resolve_tracking_uri(configured, sae.run_dir)
-
-
-def log_to_mlflow(sae: TrainedSAE, out: Path, only: list[str] | None = None) -> None:
-    """Log ``out`` as artifacts (``analysis/``, or ``analysis/<folder name>`` for another folder
-    than the default) of the SAE's own MLflow run, so the results open from its run page;
-    ``only``: just these entries of ``out`` (files or subfolders), not the whole folder again.
-    A tracking failure is a warning: the files stay in ``out``."""
-    run_id, uri = mlflow_target(sae)
-    artifact_path = "analysis" if out.name == "analysis" else f"analysis/{out.name}"
-    if not run_id:
-        log.warning("the SAE's run has no MLflow run on record; results stay in %s", out)
-        return
-    try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(uri)
-        if only is None:
-            client.log_artifacts(run_id, str(out), artifact_path=artifact_path)
-        for name in only or ():
-            path = out / name
-            if path.is_dir():
-                client.log_artifacts(run_id, str(path), artifact_path=f"{artifact_path}/{name}")
-            else:
-                client.log_artifact(run_id, str(path), artifact_path=artifact_path)
-    except Exception as err:  # noqa: BLE001 - tracking never loses the results
-        log.warning(
-            "could not log the analysis to MLflow run %s at %s (%s: %s); the results are in %s",
-            run_id,
-            uri,
-            type(err).__name__,
-            err,
-            out,
-        )
-    else:
-        print(f"logged {out} to MLflow run {run_id} (artifacts {artifact_path}/)")

@@ -191,7 +191,7 @@ def sweep(
     selection's name to its ``[C, F]`` latent order (:func:`ranked_latents`). ``selection``:
     the analysis folder the latents were chosen from; an image of ``data`` that it read (by
     content, in any shard) stops the sweep."""
-    from patchsae.analysis.analyze import read_digests
+    from patchsae.analysis.outputs import read_digests
 
     C = next(iter(order.values())).shape[0]
     table = MaskingTable(ks, C, tuple(order))

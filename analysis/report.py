@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from patchsae.analysis.analyze import log_to_mlflow
 from patchsae.analysis.masks import MaskMaker, overlay
 from patchsae.analysis.model import AnalysisError, TrainedSAE, load_trained
+from patchsae.analysis.outputs import log_to_mlflow
 from patchsae.data.shards import decode_image, fetch_samples
 from patchsae.trainer.checkpoint import atomic_write
 

@@ -327,7 +327,7 @@ def log_eval_results(
 ) -> None:
     """``(key, value, step)`` metrics and ``files`` (artifacts under ``artifact_path``) to the
     SAE's own MLflow run. A tracking failure is a warning: the files stay where they are."""
-    from patchsae.analysis.analyze import mlflow_target
+    from patchsae.analysis.outputs import mlflow_target
 
     run_id, uri = mlflow_target(sae)
     if not run_id:

@@ -132,7 +132,7 @@ def test_images_the_analysis_read_are_refused_in_any_shard(analysed, demo_shards
     (exit 2, nothing written) although it shares no shard path with the selection."""
     import shutil
 
-    from patchsae.analysis.analyze import read_digests
+    from patchsae.analysis.outputs import read_digests
     from patchsae.data.shards import expand_urls, image_digest, iter_samples
 
     digests = read_digests(analysed / "analysis")
