@@ -54,23 +54,14 @@ STATUSES = ("shared", "gained", "lost")
 
 def _read_analysis(folder: Path, sae: TrainedSAE, role: str) -> tuple[dict[str, Any], Tensor]:
     """An analysis's summary and its ``[C, F]`` class counts, checked against the SAE."""
-    from safetensors.torch import load_file
+    from patchsae.analysis.outputs import read_statistics
 
-    stats_path, summary_path = folder / "latent_stats.safetensors", folder / "summary.json"
-    if not stats_path.is_file() or not summary_path.is_file():
-        extra = " --pretrained ADAPTED_WEIGHTS" if role == "adapted" else ""
-        raise AnalysisError(
-            f"--{role} {folder} holds no analysis (latent_stats.safetensors + summary.json); run "
-            f"`patchsae analyze {sae.run_dir} --data SHARDS{extra} --out {folder}` first"
-        )
-    summary = json.loads(summary_path.read_text())
-    counts_CF = load_file(str(stats_path))["class_counts_CF"]
-    if counts_CF.shape[1] != sae.n_latents:
-        raise AnalysisError(
-            f"--{role} {folder} is the analysis of an SAE with {counts_CF.shape[1]} latents, not "
-            f"of {sae.run_dir} ({sae.n_latents}); analyze this SAE"
-        )
-    return summary, counts_CF
+    extra = " --pretrained ADAPTED_WEIGHTS" if role == "adapted" else ""
+    summary, stats = read_statistics(
+        folder, sae, label=f"--{role} {folder}",
+        fix=f"run `patchsae analyze {sae.run_dir} --data SHARDS{extra} --out {folder}` first",
+    )  # fmt: skip
+    return summary, stats["class_counts_CF"]
 
 
 def _same_images(base: dict[str, Any], adapted: dict[str, Any]) -> None:

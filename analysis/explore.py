@@ -16,7 +16,6 @@ tested) on its own; :func:`build_app` lays it out with Gradio.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import tempfile
 from collections import defaultdict
@@ -30,6 +29,7 @@ import PIL.Image
 import torch
 from patchsae.analysis.masks import MaskMaker, overlay
 from patchsae.analysis.model import AnalysisError, load_trained
+from patchsae.analysis.outputs import read_tables
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -75,22 +75,11 @@ class Explorer:
         self.sae = load_trained(run_dir)
         self.top_k = top
         folder = Path(analysis) if analysis else Path(run_dir) / "analysis"
-        needed = ("latents.parquet", "reference_images.parquet", "summary.json")
-        missing = [name for name in needed if not (folder / name).is_file()]
-        if missing:
-            raise AnalysisError(
-                f"{folder} has no complete analysis (missing {missing}); run `patchsae analyze "
-                f"{run_dir} --data URLS` first (the explorer shows its statistics and reference "
-                "images), or pass --analysis DIR"
-            )
-        self.table = pd.read_parquet(folder / "latents.parquet").set_index("latent")
-        self.refs = pd.read_parquet(folder / "reference_images.parquet")
-        self.summary = json.loads((folder / "summary.json").read_text())
-        if len(self.table) != self.sae.n_latents:
-            raise AnalysisError(
-                f"{folder} describes {len(self.table)} latents but the SAE in {run_dir} has "
-                f"{self.sae.n_latents}; analyze this SAE"
-            )
+        table, self.refs, self.summary = read_tables(
+            folder, self.sae, fix=" (the explorer shows its statistics and reference images), "
+            "or pass --analysis DIR",
+        )  # fmt: skip
+        self.table = table.set_index("latent")
         base_weights = self.summary.get("options", {}).get("pretrained")
         self.makers = {"base": MaskMaker(self.sae, pretrained=base_weights, device=device)}
         if adapted is not None:

@@ -265,7 +265,7 @@ def eval_masking(
     """``patchsae eval-masking``: the sweep, written to ``OUT/masking.csv``, ``masking.json`` and
     ``masking.png`` (default ``RUN_DIR/eval``) and logged to the SAE's MLflow run (metrics
     ``masking/<selection>_<mode>_acc`` at step k, the files under ``eval/``)."""
-    from safetensors.torch import load_file
+    from patchsae.analysis.outputs import read_statistics
 
     if batch_images < 1:
         raise AnalysisError(f"--batch-images {batch_images}: must be >= 1")
@@ -274,21 +274,12 @@ def eval_masking(
         ks = [k for k in DEFAULT_KS if k == "all" or int(k) < sae.n_latents]
     k_values = parse_ks(ks, sae.n_latents)
     analysis = Path(analysis) if analysis else Path(run_dir) / "analysis"
-    stats_path, summary_path = analysis / "latent_stats.safetensors", analysis / "summary.json"
-    if not stats_path.is_file() or not summary_path.is_file():
-        raise AnalysisError(
-            f"{analysis} holds no analysis (latent_stats.safetensors + summary.json); run "
-            f"`patchsae analyze {run_dir} --data SELECTION_SHARDS` first, on another split than "
-            "--data"
-        )
-    summary = json.loads(summary_path.read_text())
-    stats = load_file(str(stats_path))
+    summary, stats = read_statistics(
+        analysis, sae, label=str(analysis),
+        fix=f"run `patchsae analyze {run_dir} --data SELECTION_SHARDS` first, on another split "
+        "than --data",
+    )  # fmt: skip
     counts_CF = stats["class_counts_CF"]
-    if counts_CF.shape[1] != sae.n_latents:
-        raise AnalysisError(
-            f"{analysis} is the analysis of an SAE with {counts_CF.shape[1]} latents, not of "
-            f"{run_dir} ({sae.n_latents}); analyze this SAE first"
-        )
     check_disjoint(summary["data"], data)
     from patchsae.data.shards import expand_urls
 

@@ -38,6 +38,52 @@ DIGESTS = "image_digests.safetensors"
 share an image with the analysis, whatever shard or key it has there."""
 
 
+def read_statistics(
+    folder: Path, sae: TrainedSAE, *, label: str, fix: str
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """An analysis's ``summary.json`` and ``latent_stats.safetensors`` tensors, checked to be
+    of ``sae``; ``label`` names the folder in messages, ``fix`` says how to make one."""
+    from patchsae.analysis.model import AnalysisError
+    from safetensors.torch import load_file
+
+    stats_path, summary_path = folder / "latent_stats.safetensors", folder / "summary.json"
+    if not stats_path.is_file() or not summary_path.is_file():
+        raise AnalysisError(
+            f"{label} holds no analysis (latent_stats.safetensors + summary.json); {fix}"
+        )
+    stats = load_file(str(stats_path))
+    width = stats["class_counts_CF"].shape[1]
+    if width != sae.n_latents:
+        raise AnalysisError(
+            f"{label} is the analysis of an SAE with {width} latents, not of {sae.run_dir} "
+            f"({sae.n_latents}); analyze this SAE first"
+        )
+    return json.loads(summary_path.read_text()), stats
+
+
+def read_tables(folder: Path, sae: TrainedSAE, *, fix: str = "") -> tuple[Any, Any, dict]:
+    """An analysis's latent table, reference table and summary, checked to be of ``sae``;
+    ``fix`` is added to the command the message names."""
+    import pandas as pd
+    from patchsae.analysis.model import AnalysisError
+
+    needed = ("latents.parquet", "reference_images.parquet", "summary.json")
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if missing:
+        raise AnalysisError(
+            f"{folder} has no complete analysis (missing {missing}); run `patchsae analyze "
+            f"{sae.run_dir} --data URLS` first{fix}"
+        )
+    table = pd.read_parquet(folder / "latents.parquet")
+    if len(table) != sae.n_latents:
+        raise AnalysisError(
+            f"{folder} describes {len(table)} latents but the SAE in {sae.run_dir} has "
+            f"{sae.n_latents}; analyze this SAE again"
+        )
+    refs = pd.read_parquet(folder / "reference_images.parquet")
+    return table, refs, json.loads((folder / "summary.json").read_text())
+
+
 def read_digests(folder: Path) -> Tensor | None:
     """The analysed images' digests of an analysis folder; None for an analysis written before
     they were recorded."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 from collections import defaultdict
 from functools import partial
@@ -24,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 from patchsae.analysis.masks import MaskMaker, overlay
-from patchsae.analysis.model import AnalysisError, TrainedSAE, load_trained
-from patchsae.analysis.outputs import log_to_mlflow
+from patchsae.analysis.model import TrainedSAE, load_trained
+from patchsae.analysis.outputs import log_to_mlflow, read_tables
 from patchsae.data.shards import decode_image, fetch_samples
 from patchsae.trainer.checkpoint import atomic_write
 
@@ -243,23 +242,9 @@ def write_report(
     the analysis folder, and log them to the SAE's MLflow run."""
     sae: TrainedSAE = load_trained(run_dir)
     folder = Path(analysis) if analysis else Path(run_dir) / "analysis"
-    needed = ("latents.parquet", "reference_images.parquet", "summary.json")
-    missing = [name for name in needed if not (folder / name).is_file()]
-    if missing:
-        raise AnalysisError(
-            f"{folder} has no complete analysis (missing {missing}); run `patchsae analyze "
-            f"{run_dir} --data URLS` first"
-        )
+    table, refs, summary = read_tables(folder, sae)
     if latents:
         sae.check_latents(latents)
-    table = pd.read_parquet(folder / "latents.parquet")
-    refs = pd.read_parquet(folder / "reference_images.parquet")
-    summary = json.loads((folder / "summary.json").read_text())
-    if len(table) != sae.n_latents:
-        raise AnalysisError(
-            f"{folder} describes {len(table)} latents but the SAE in {run_dir} has "
-            f"{sae.n_latents}; analyze this SAE again"
-        )
     chosen = select_latents(table, frequent=frequent, bands=bands, per_band=per_band, named=latents)
     wanted = refs[refs.latent.isin(chosen)]
     keys: dict[str, set[str]] = defaultdict(set)
