@@ -197,16 +197,16 @@ def sweep(
     table = MaskingTable(ks, C, tuple(order))
     rank_SCF = class_ranks(order, clip.device)
     refuse = read_digests(selection) if selection is not None else None
+    classes = "classes in the analysis; evaluate on a split labelled like the selection split"
     batches = labelled_batches(
-        data, clip.preprocess, batch_images, refuse=refuse, refused=f"the analysis {selection}"
+        data,
+        clip.preprocess,
+        batch_images,
+        classes=(C, classes),
+        refuse=refuse,
+        refused=f"the analysis {selection}",
     )
     for pixels, labels, _ in batches:
-        bad = labels[(labels < 0) | (labels >= C)]
-        if len(bad):
-            raise AnalysisError(
-                f"label {int(bad[0])} in {data} has no class in the analysis ({C} classes); "
-                "evaluate on a split labelled like the selection split"
-            )
         sweep_batch(clip, text_CE, rank_SCF, ks, pixels, labels, table)
     if int(table.total_C.sum()) == 0:
         raise AnalysisError(f"no labelled images in {data}; check the URLs")

@@ -191,11 +191,14 @@ def labelled_batches(
     preprocess: Any,
     batch_images: int,
     *,
+    classes: tuple[int, str] | None = None,
     refuse: Tensor | None = None,
     refused: str = "",
 ) -> Iterator[tuple[Tensor, Tensor, list[str]]]:
     """``(pixels, labels, keys)`` batches of the shards ``urls``, in shard then tar order.
 
+    ``classes``: ``(C, what)``, labels must be in ``[0, C)``; the first that is not raises
+    :class:`AnalysisError` naming it, ``C`` and ``what`` (the names' source and the fix).
     ``refuse``: sorted image digests (an analysis's ``image_digests``) that no image here may
     have: the first that does raises :class:`AnalysisError` naming it and ``refused``."""
     from patchsae.data.shards import decode_image, expand_urls, image_digest, iter_samples
@@ -212,8 +215,14 @@ def labelled_batches(
                         "same bytes): latents would be chosen on the images they are scored on; "
                         "evaluate on images the analysis did not read"
                     )
+            label = int(sample["cls"].decode().strip())
+            if classes is not None and not 0 <= label < classes[0]:
+                raise AnalysisError(
+                    f"label {label} of image {sample['__key__']} in {urls} has no class name: "
+                    f"{classes[0]} {classes[1]}"
+                )
             pixels.append(preprocess(decode_image(sample)))
-            labels.append(int(sample["cls"].decode().strip()))
+            labels.append(label)
             keys.append(f"{url}:{sample['__key__']}")
             if len(pixels) == batch_images:
                 yield torch.stack(pixels), torch.tensor(labels), keys
@@ -259,13 +268,10 @@ def eval_zeroshot(
     counts = {v: Accuracy(torch.zeros(C, dtype=torch.int64), torch.zeros(C, dtype=torch.int64))
               for v in VARIANTS}  # fmt: skip
     max_diff = 0.0
-    for pixels, labels, _ in labelled_batches(data, clip.preprocess, batch_images):
-        bad = labels[(labels < 0) | (labels >= C)]
-        if len(bad):
-            raise AnalysisError(
-                f"label {int(bad[0])} in {data} has no class name: {C} names were given "
-                f"({classnames or 'classes.json'}); pass class names that match the labels"
-            )
+    given = f"names were given ({classnames or 'classes.json'}); pass names that match the labels"
+    for pixels, labels, _ in labelled_batches(
+        data, clip.preprocess, batch_images, classes=(C, given)
+    ):
         x = clip.hooked(pixels)
         logits = {
             "clip": clip.features(x) @ text_CE.T,
@@ -381,17 +387,15 @@ class ZeroShotMonitor:
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         assert self.clip is not None
         seen, limit = 0, self.cfg.max_images
+        names = "names; set eval.classnames to names that match the labels of eval.data"
         for pixels, labels, _ in labelled_batches(
-            self.cfg.data, self.clip.preprocess, self.cfg.batch_images
+            self.cfg.data,
+            self.clip.preprocess,
+            self.cfg.batch_images,
+            classes=(len(self.names), names),
         ):
             if limit is not None and seen + len(labels) > limit:
                 pixels, labels = pixels[: limit - seen], labels[: limit - seen]
-            bad = labels[(labels < 0) | (labels >= len(self.names))]
-            if len(bad):
-                raise AnalysisError(
-                    f"label {int(bad[0])} in eval.data has no class name ({len(self.names)} "
-                    "names); set eval.classnames to names that match the labels"
-                )
             yield pixels, labels
             seen += len(labels)
             if limit is not None and seen >= limit:

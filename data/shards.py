@@ -44,7 +44,10 @@ import braceexpand
 import PIL.Image
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset import filters as wds_filters
 from webdataset.gopen import gopen
+from webdataset.handlers import reraise_exception
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,9 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 """Member extensions accepted as the sample's image, in order of preference."""
 
 # Errors that mean "this shard's byte stream is broken or unreadable": tarfile's own errors,
-# a stream that ends early, I/O failures (including gzip's BadGzipFile), broken compression.
-_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
+# a stream that ends early, I/O failures (including gzip's BadGzipFile), broken compression, and
+# webdataset's ValueError for a member name that occurs twice in one sample.
+_SHARD_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, ValueError)
 # Errors PIL raises for undecodable image bytes (some plugins raise SyntaxError for bad headers,
 # DecompressionBombError derives directly from Exception), plus a label that is not an integer.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
@@ -273,16 +277,19 @@ class ImageShards(IterableDataset):
 
         counter = _Counter()
         samples = self._read_samples(shards, counter)
-        if self.shuffle_buffer > 0:
+        if self.shuffle_buffer > 0:  # the first sample comes out once the buffer is full
             rng = random.Random(derive_seed(self.seed, epoch, self.rank, worker, _SAMPLE_SHUFFLE))
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
+            samples = wds_filters.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng)(
+                samples
+            )
 
         skip = self.skip.get(worker, 0)
         failures = 0  # undecodable samples this epoch, for log throttling
         # An empty pixel batch of the right shape and dtype, once one sample has decoded.
         empty: torch.Tensor | None = None
         n_batches = 0
-        for index, raw in enumerate(_chunks(samples, self.batch_size)):
+        batches = wds_filters.batched(self.batch_size, collation_fn=None)(samples)
+        for index, raw in enumerate(batches):
             n_batches = index + 1
             if index < skip:
                 if index == skip - 1:
@@ -369,23 +376,15 @@ class ImageShards(IterableDataset):
                 yield from _tar_samples(url, counter)
             except _SHARD_ERRORS as e:
                 # How many samples the rest of a broken shard held is unknown; count the
-                # sample being read when it broke.
+                # sample being read when it broke. (webdataset appends the stream and the URL
+                # to the error's arguments; the first one is the message.)
                 counter.add(url)
                 log.warning(
                     "shard %s is truncated or unreadable (%s: %s); skipping the rest of it",
                     url,
                     type(e).__name__,
-                    e,
+                    e.args[0] if e.args else e,
                 )
-
-
-def _split_name(name: str) -> tuple[str, str] | None:
-    """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``); None for names without an extension."""
-    dirname, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    if not stem or not dot or not ext:
-        return None
-    return (f"{dirname}/{stem}" if dirname else stem), ext.lower()
 
 
 def _complete(sample: dict[str, Any]) -> bool:
@@ -393,37 +392,18 @@ def _complete(sample: dict[str, Any]) -> bool:
 
 
 def _tar_samples(url: str, counter: _Counter) -> Iterator[dict[str, Any]]:
-    """Group consecutive members of the tar stream at ``url`` into samples.
-
-    Samples without an image or a ``.cls`` member are counted in ``counter`` and dropped.
-    Errors from a broken stream propagate; the partial sample being built is lost with them.
-    """
+    """The samples of the tar stream at ``url``: members grouped by key (the name up to its first
+    dot) by webdataset's stages. Samples without an image or a ``.cls`` member are counted in
+    ``counter`` and dropped. Errors from a broken stream propagate (webdataset's handler
+    re-raises them), and the partial sample being built is lost with them."""
     stream = gopen(url, "rb")
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
-            sample: dict[str, Any] | None = None
-            for member in tar:
-                if not member.isreg():
-                    continue
-                parts = _split_name(member.name)
-                if parts is None:
-                    continue
-                key, ext = parts
-                if sample is not None and sample["__key__"] != key:
-                    if _complete(sample):
-                        yield sample
-                    else:
-                        counter.add(url)
-                    sample = None
-                if sample is None:
-                    sample = {"__key__": key, "__url__": url}
-                data = tar.extractfile(member)
-                sample[ext] = data.read() if data is not None else b""
-            if sample is not None:
-                if _complete(sample):
-                    yield sample
-                else:
-                    counter.add(url)
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=reraise_exception)
+        for sample in group_by_keys(files, handler=reraise_exception):
+            if _complete(sample):
+                yield sample
+            else:
+                counter.add(url)
     finally:
         stream.close()
 
@@ -449,34 +429,6 @@ def fetch_samples(url: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
 def decode_image(sample: dict[str, Any]) -> PIL.Image.Image:
     """A raw sample's RGB image."""
     return _decode(sample)[0]
-
-
-def _shuffled(
-    samples: Iterator[dict[str, Any]], size: int, rng: random.Random
-) -> Iterator[dict[str, Any]]:
-    """Reservoir-style shuffle: once ``size`` samples are buffered, each new sample replaces
-    (and releases) a random buffered one; the rest comes out in random order at the end."""
-    buffer: list[dict[str, Any]] = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
-            continue
-        j = rng.randrange(size)
-        buffer[j], sample = sample, buffer[j]
-        yield sample
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def _chunks(items: Iterator[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:
-    chunk: list[dict[str, Any]] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == n:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def image_digest(sample: dict[str, Any]) -> int:

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 from patchsae.trainer import checkpoint
-from patchsae.trainer.tracking import Tracker, read_metrics
+from patchsae.trainer.tracking import (
+    UNSENT_FILE,
+    Tracker,
+    read_metrics,
+    read_run_info,
+    sync_unsent,
+)
 from safetensors.torch import load_file
 
 from tests.helpers import free_port, run_cli, run_train, small_overrides, train_cmd
@@ -150,7 +157,7 @@ def test_tracker_on_a_full_disk_keeps_whole_lines_and_saves_unsent_records_elsew
         tracker = Tracker(
             run_dir,
             enabled=True,
-            tracking_uri=f"http://127.0.0.1:{free_port()}",  # nothing listens: records stay queued
+            tracking_uri=f"http://127.0.0.1:{free_port()}",  # nothing listens: nothing is sent
             experiment="x",
             run_name="full",
             flush_timeout_s=0.5,
@@ -169,11 +176,24 @@ def test_tracker_on_a_full_disk_keeps_whole_lines_and_saves_unsent_records_elsew
         messages = [r.getMessage() for r in caplog.records]
         saved = [m for m in messages if "saved" in m and "unsent MLflow records to" in m]
         assert any(f"could not save unsent MLflow records to {run_dir}" in m for m in messages)
-        assert not (run_dir / "mlflow_unsent.jsonl").exists()  # no partial file left
+        assert not (run_dir / UNSENT_FILE).exists()  # no partial file left
         assert len(saved) == 1 and tempfile.gettempdir() in saved[0], caplog.text
         assert "move it to" in saved[0] and "patchsae sync-mlflow" in saved[0]
         fallback = Path(saved[0].split(" to ")[1].split(" (")[0])
-        assert sum(1 for _ in fallback.open()) >= len(lines)
-        fallback.unlink()
+        assert json.loads(fallback.read_text())["end"]["status"] == "FINISHED"
+
+        # Once there is space again, the user's two steps put every record and the status in
+        # MLflow.
+        filler.unlink()
+        shutil.move(fallback, run_dir / UNSENT_FILE)
+        store = f"sqlite:///{tmp_path}/mlflow.db"
+        values = sum(len(json.loads(line)["metrics"]) for line in lines)
+        assert sync_unsent(run_dir, tracking_uri=store) == values
+        client = MlflowClient(store)
+        run_id = read_run_info(run_dir)["run_id"]
+        assert client.get_run(run_id).info.status == "FINISHED"
+        history = client.get_metric_history(run_id, "m/49")
+        assert sorted(m.step for m in history) == list(range(2, len(lines) + 1))
+        assert not (run_dir / UNSENT_FILE).exists()
     finally:
         subprocess.run(["umount", "-l", disk], capture_output=True)

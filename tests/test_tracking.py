@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 from patchsae.trainer.tracking import (
+    CURSOR_FILE,
     METRICS_FILE,
     RUN_INFO_FILE,
     UNSENT_FILE,
@@ -33,6 +34,7 @@ from patchsae.trainer.tracking import (
     sync_unsent,
 )
 
+from tests.helpers import free_port
 from tests.mlflow_server import MlflowServer
 
 LOGGER = "patchsae.trainer.tracking"
@@ -291,6 +293,38 @@ def test_unusable_uri_keeps_records_for_sync(
     assert history(client, run_id, "loss") == [(s, float(s)) for s in range(5)]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sync_unsent(tmp_path) == 0  # nothing left
+
+
+def test_the_next_job_sends_what_an_earlier_job_left_unsent(
+    tmp_path: Path, sqlite_uri: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The outbox is the run directory: a job whose server never answered leaves its params,
+    artifact and metrics there, and the next job on the directory sends them with its own,
+    without a sync; the cursor then stands at the end of metrics.jsonl."""
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    report = tmp_path / "report.txt"
+    report.write_text("hello")
+    down = f"http://127.0.0.1:{free_port()}"
+    with make_tracker(tmp_path, down, experiment="handover", flush_timeout_s=0.5) as first:
+        first.log_params({"lr": 0.001})
+        first.log_artifact(report)
+        for step in range(5):
+            first.log_metrics({"loss": float(step)}, step=step)
+    assert first.run_id is None and (tmp_path / UNSENT_FILE).exists()
+
+    with make_tracker(tmp_path, sqlite_uri, experiment="handover") as second:
+        for step in range(5, 8):
+            second.log_metrics({"loss": float(step)}, step=step)
+    assert messages(caplog, logging.INFO, "an earlier job left unsent")
+    client = MlflowClient(sqlite_uri)
+    run = client.get_run(second.run_id)
+    assert history(client, second.run_id, "loss") == [(s, float(s)) for s in range(8)]
+    assert run.data.params == {"lr": "0.001"} and run.info.status == "FINISHED"
+    assert [f.path for f in client.list_artifacts(second.run_id)] == ["report.txt"]
+    assert not (tmp_path / UNSENT_FILE).exists()
+    cursor = json.loads((tmp_path / CURSOR_FILE).read_text())
+    assert cursor["offset"] == (tmp_path / METRICS_FILE).stat().st_size
+    assert cursor["run_id"] == second.run_id == read_run_info(tmp_path)["run_id"]
 
 
 # ---- a real MLflow server (mlflow_server fixture) --------------------------------------------

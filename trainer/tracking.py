@@ -1,55 +1,43 @@
 """Experiment tracking that never stops or stalls training and never loses a metric.
 
-Two records are kept for every run directory:
+The run directory is the record; MLflow is a copy of it that one sender brings up to date.
 
-* ``metrics.jsonl`` -- the local record, written synchronously by :meth:`Tracker.log_metrics`
-  and flushed on every call, so it survives the process dying. One JSON object per call::
+* ``metrics.jsonl``: the outbox of metric values. :meth:`Tracker.log_metrics` appends a line
+  on the calling thread and flushes it, so it survives the process dying::
 
       {"step": 120, "timestamp": 1732550000123, "metrics": {"loss": 0.41, "l0": 31.0}}
 
-  ``timestamp`` is in milliseconds since the epoch and is the same timestamp sent to MLflow.
-  Non-finite values are written as Python's ``json`` writes them (``NaN``, ``Infinity``).
-  :func:`read_metrics` reads it back.
-* MLflow -- every call becomes an *operation* in an in-memory queue served in order by one
-  background thread. When the server cannot be reached the thread logs one warning, keeps the
-  operation and retries with a backoff capped at a few seconds; the training thread never waits.
-  An operation that MLflow rejects for good (an invalid metric name, a changed parameter value)
-  is logged and dropped, so one bad record cannot block the queue. Whatever is still queued when
-  :meth:`Tracker.close` gives up waiting goes to ``mlflow_unsent.jsonl``, which
-  :func:`sync_unsent` (``patchsae sync-mlflow RUN_DIR``) sends later.
+  The timestamp (ms) is the one MLflow gets. A value sent twice is then the same record, and
+  MLflow's SQL stores keep one copy. :func:`read_metrics` reads the file back.
+* ``mlflow_sent.json``: the sender's cursor, ``{"tracking_uri", "experiment", "run_name",
+  "token", "run_id", "offset"}``. ``offset`` is the number of bytes of ``metrics.jsonl`` that
+  MLflow has acknowledged; it advances only after a ``log_batch`` succeeds. ``token`` tags the
+  run when it is created, so a creation retried after a crash finds that run rather than making
+  a second one.
+* ``mlflow_unsent.json``: the other records MLflow has not acknowledged, ``{"params", "tags",
+  "artifacts": [[file, artifact_path], ...], "end": {"status", "timestamp"} | null}``. An
+  artifact is the file itself in the run directory, read when it is uploaded. The file is
+  removed once everything in it is sent, so if it is still there after a job, the MLflow run is
+  incomplete.
+* ``mlflow_run.json``: the run once it exists (:func:`read_run_info`). A resumed job passes its
+  ``run_id`` to :class:`Tracker` to continue the same run.
 
-Other files in the run directory:
+The tracker's background thread and :func:`sync_unsent` (``patchsae sync-mlflow``) are the same
+sender. It creates or continues the run, sends params and tags, follows ``metrics.jsonl`` from
+the offset, uploads artifacts, and sets the end status once nothing else is left. While the
+server is down the thread backs off and the training thread never waits. Whatever a job leaves
+unsent stays in the run directory; the next job on that directory, or a sync, sends it. A record
+that MLflow rejects for good (an invalid key, a changed param value) is logged and dropped on its
+own, and the rest still goes through.
 
-* ``mlflow_run.json`` -- ``{"tracking_uri", "experiment", "experiment_id", "run_id",
-  "run_name"}``, written as soon as the MLflow run exists; :func:`read_run_info` reads it, and a
-  resumed job passes its ``run_id`` to :class:`Tracker` to continue the same run.
-* ``mlflow_unsent.jsonl`` -- one operation per line, in order, appended in segments that each
-  begin with a ``start_run`` operation, so every segment can be sent on its own::
-
-      {"op": "start_run", "tracking_uri": str, "experiment": str, "run_name": str,
-       "run_id": str | null, "token": str, "timestamp": int}
-      {"op": "params", "params": {str: str}}
-      {"op": "metrics", "step": int, "timestamp": int, "metrics": {str: float}}
-      {"op": "tags", "tags": {str: str}}
-      {"op": "artifact", "path": "/absolute/file", "artifact_path": str | null}
-      {"op": "end_run", "status": "FINISHED", "timestamp": int}
-
-Sending is idempotent, so an operation that may or may not have reached the server before a
-failure is simply sent again: metrics keep their original timestamp (MLflow's SQL stores ignore
-an exact duplicate), re-logging a parameter with the same value is a no-op, and a run is tagged
-with a random ``patchsae.tracker_token`` so that creating it is never done twice.
-
-MLflow's HTTP client retries a failed request 7 times with exponential backoff and waits up to
-120 s per request by default, i.e. minutes per call when the server is down. While a tracker (or a
-sync) is active, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT`` default
-to 0 and 20 s, because this module retries on its own schedule. MLflow reads these variables from
-the process environment on every request, so the defaults are set in ``os.environ`` -- only for
-variables the user has not set -- and removed again when the last tracker closes.
+By default MLflow's HTTP client retries a request 7 times and waits up to 120 s for each. While
+a tracker or a sync is active, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` and
+``MLFLOW_HTTP_REQUEST_TIMEOUT`` default to 0 and 20 s (in ``os.environ``, and only where the user
+has not set them), because this module retries on its own schedule.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -58,13 +46,13 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any
 
-from patchsae.trainer.checkpoint import disk_full_error, exception_chain, is_disk_full
+from patchsae.trainer.checkpoint import atomic_write, disk_full_error, exception_chain, is_disk_full
 
 if TYPE_CHECKING:  # mlflow is imported lazily: importing it takes seconds
     from mlflow import MlflowClient
@@ -72,108 +60,85 @@ if TYPE_CHECKING:  # mlflow is imported lazily: importing it takes seconds
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+CURSOR_FILE = "mlflow_sent.json"
+UNSENT_FILE = "mlflow_unsent.json"
 RUN_INFO_FILE = "mlflow_run.json"
-UNSENT_FILE = "mlflow_unsent.jsonl"
 SYNC_COMMAND = "patchsae sync-mlflow"
-
-# MLflow's limits for one log_batch call and for values (mlflow.utils.validation).
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_PARAM_VAL_LENGTH = 6000
-MAX_TAG_VAL_LENGTH = 8000
-
 TOKEN_TAG = "patchsae.tracker_token"
-"""Run tag holding a random token per tracker, so a retried or re-synced run creation finds the
-run an earlier attempt may already have created instead of creating a second one."""
-
 HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
-"""MLflow HTTP settings applied while a tracker is active, unless the user set them."""
+SERVER_ERROR_ATTEMPTS = 3  # a 5xx this often while the server answers otherwise: a bad record
+VALUES_PER_SEND = 5000  # metric values per log_batch call (MLflow splits it to its limits)
 
-SERVER_ERROR_ATTEMPTS = 3
-"""A request failing with a server error (5xx) this many times while the server answers other
-requests is treated as a bad record rather than an outage, and dropped."""
-
-Op = dict[str, Any]
-"""One queued MLflow operation; see the module docstring for the shapes."""
-
-# How an exception from MLflow is handled.
-_OUTAGE = "outage"  # server unreachable / timed out: keep the operation, retry later
-_SERVER_ERROR = "server-error"  # 5xx / 429 / unknown: retry; drop if the server is otherwise fine
-_PERMANENT = "permanent"  # the server rejected this record: drop it
-_FATAL = "fatal"  # MLflow cannot work with this URI at all: stop sending, keep everything
+# What a failed send means: retry later, retry then drop, drop this record, or stop sending.
+_OUTAGE, _SERVER_ERROR, _PERMANENT, _FATAL = "outage", "server-error", "permanent", "fatal"
 
 
 class MlflowConfigError(RuntimeError):
-    """MLflow cannot be used with the configured tracking URI (bad scheme, rejected store,
-    missing credentials); retrying will not help."""
+    """MLflow cannot be used with this tracking URI; retrying will not help."""
 
 
 class SyncError(RuntimeError):
-    """:func:`sync_unsent` could not send the records; the unsent file is left in place."""
-
-
-# --------------------------------------------------------------------------------------------
-# Local records
+    """:func:`sync_unsent` could not send the records; nothing was deleted."""
 
 
 def resolve_tracking_uri(configured: str | None, run_dir: Path) -> str:
-    """The MLflow tracking URI to use: ``configured`` if set, else ``$MLFLOW_TRACKING_URI``, else
-    a SQLite store inside the run directory (``sqlite:///<run_dir>/mlflow.db``)."""
+    """``configured``, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<run_dir>/mlflow.db``."""
     if configured:
         return configured
-    if env := os.environ.get("MLFLOW_TRACKING_URI"):
-        return env
-    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+
+
+def _metric_lines(path: Path, offset: int = 0, warn: bool = True) -> Iterator[tuple[int, dict]]:
+    """``(offset after it, record)`` for each complete line from ``offset``. A line that cannot be
+    parsed (a write that a crash cut short) is skipped."""
+    with path.open("rb") as f:
+        f.seek(offset)
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                return  # being written, or cut short and not yet followed by a new line
+            offset += len(raw)
+            try:
+                r = json.loads(raw)
+                metrics = {str(k): float(v) for k, v in r["metrics"].items()}
+                record = {
+                    "step": int(r["step"]),
+                    "timestamp": int(r["timestamp"]),
+                    "metrics": metrics,
+                }
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                if warn and raw.strip():
+                    log.warning("%s at byte %d: skipping an unreadable line (%s)", path, offset, e)
+                continue
+            yield offset, record
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Read ``metrics.jsonl``: ``{key: [(step, value), ...]}`` sorted by step.
-
-    If a key was logged more than once for a step (a job resumed from an earlier checkpoint
-    re-logs the steps after it), the last record wins. A line that cannot be parsed (the tail of a
-    write cut short by a crash) is skipped with a warning.
-    """
-    path = Path(run_dir) / METRICS_FILE
-    by_key: dict[str, dict[int, float]] = {}
-    if not path.exists():
-        return {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                step = int(record["step"])
-                metrics = record["metrics"]
-            except (ValueError, KeyError, TypeError) as e:
-                log.warning("%s:%d: skipping an unreadable line (%s)", path, lineno, e)
-                continue
-            for key, value in metrics.items():
-                by_key.setdefault(key, {})[step] = float(value)
+    """``metrics.jsonl`` as ``{key: [(step, value), ...]}`` sorted by step. If a step was logged
+    more than once (a resumed job logs the steps after its checkpoint again), the last wins."""
+    path, by_key = Path(run_dir) / METRICS_FILE, dict[str, dict[int, float]]()
+    for _, record in _metric_lines(path) if path.exists() else ():
+        for key, value in record["metrics"].items():
+            by_key.setdefault(key, {})[record["step"]] = value
     return {key: sorted(steps.items()) for key, steps in by_key.items()}
 
 
 def read_run_info(run_dir: Path) -> dict[str, Any] | None:
-    """The contents of ``mlflow_run.json`` (tracking_uri, experiment, experiment_id, run_id,
-    run_name), or None if no MLflow run was created for this run directory yet."""
-    path = Path(run_dir) / RUN_INFO_FILE
-    if not path.exists():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    """``mlflow_run.json`` (tracking_uri, experiment, experiment_id, run_id, run_name), or None
+    while no MLflow run exists for this run directory."""
+    return _read_json(Path(run_dir) / RUN_INFO_FILE)
 
 
-def _write_run_info(run_dir: Path, info: dict[str, Any]) -> None:
-    # Write-then-rename, so a crash never leaves a half-written file for the resumed job.
-    path = Path(run_dir) / RUN_INFO_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+def _read_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(value, indent=1) + "\n"), path.name)
 
 
 def _open_for_append(path: Path) -> IO[bytes]:
-    """Open a JSON-lines file for appending, unbuffered (``_append_line`` writes whole lines).
-    If a crash cut its last line short, start on a new line, so the first new record is not
-    glued to the broken one."""
+    """Open a JSON-lines file to append to, unbuffered. If a crash cut its last line short, start
+    on a new line so that the next record is not glued to the broken one."""
     f = path.open("ab", buffering=0)
     if f.tell() > 0:
         with path.open("rb") as r:
@@ -184,10 +149,9 @@ def _open_for_append(path: Path) -> IO[bytes]:
 
 
 def _append_line(f: IO[bytes], line: str, path: Path) -> None:
-    """Append ``line`` and a newline, or nothing: a failed write (a full disk) is cut off again,
-    so the file stays one record per line, and a full disk raises ``DiskFullError``."""
-    size = os.fstat(f.fileno()).st_size
-    data = memoryview((line + "\n").encode("utf-8"))
+    """Append ``line`` and a newline, or nothing at all: a failed write is cut off again, so the
+    file stays one record per line. A full disk raises ``DiskFullError``."""
+    size, data = os.fstat(f.fileno()).st_size, memoryview((line + "\n").encode("utf-8"))
     try:
         while data:
             data = data[f.write(data) :]
@@ -202,57 +166,31 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _chunks(items: dict[str, Any], size: int) -> Iterator[dict[str, Any]]:
-    keys = list(items)
-    for i in range(0, len(keys), size):
-        yield {k: items[k] for k in keys[i : i + size]}
-
-
-def _truncate(value: Any, limit: int, what: str, key: str) -> str:
-    text = str(value)
-    if len(text) > limit:
-        log.warning(
-            "MLflow %s %r is %d characters long; sending the first %d", what, key, len(text), limit
-        )
-        text = text[:limit]
-    return text
-
-
-# --------------------------------------------------------------------------------------------
-# MLflow HTTP settings
-
-
 class _HttpDefaults:
-    """Reference-counted :data:`HTTP_DEFAULTS` in ``os.environ`` (see the module docstring)."""
+    """Who applied :data:`HTTP_DEFAULTS` (see :func:`_http_defaults`)."""
 
-    _lock = threading.Lock()
-    _users = 0
-    _applied: dict[str, str] = {}
-
-    @classmethod
-    def acquire(cls) -> None:
-        with cls._lock:
-            if cls._users == 0:
-                for name, value in HTTP_DEFAULTS.items():
-                    if name not in os.environ:
-                        os.environ[name] = value
-                        cls._applied[name] = value
-            cls._users += 1
-
-    @classmethod
-    def release(cls) -> None:
-        with cls._lock:
-            cls._users -= 1
-            if cls._users == 0:
-                for name, value in cls._applied.items():
-                    # Leave the variable alone if someone changed it in the meantime.
-                    if os.environ.get(name) == value:
-                        del os.environ[name]
-                cls._applied.clear()
+    lock = threading.Lock()
+    users = 0
+    applied: dict[str, str] = {}
 
 
-# --------------------------------------------------------------------------------------------
-# Error classification
+@contextmanager
+def _http_defaults() -> Iterator[None]:
+    """:data:`HTTP_DEFAULTS` in ``os.environ`` while any tracker or sync is active."""
+    state = _HttpDefaults
+    with state.lock:
+        if state.users == 0:
+            state.applied = {k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ}
+            os.environ.update(state.applied)
+        state.users += 1
+    try:
+        yield
+    finally:
+        with state.lock:
+            state.users -= 1
+            for name, value in state.applied.items() if state.users == 0 else ():
+                if os.environ.get(name) == value:  # unless someone changed it meanwhile
+                    del os.environ[name]
 
 
 def _classify_status(status: int) -> str:
@@ -260,13 +198,11 @@ def _classify_status(status: int) -> str:
         return _FATAL  # credentials: every request will fail the same way
     if status in (408, 429) or status >= 500:
         return _SERVER_ERROR
-    if 400 <= status < 500:
-        return _PERMANENT
-    return _SERVER_ERROR
+    return _PERMANENT if 400 <= status < 500 else _SERVER_ERROR
 
 
 def _classify(exc: BaseException) -> str:
-    """How to handle an exception raised while sending an operation."""
+    """How to handle an exception raised while sending."""
     import requests
     import urllib3
     from mlflow.exceptions import MlflowException
@@ -276,21 +212,21 @@ def _classify(exc: BaseException) -> str:
         requests.exceptions.MissingSchema,
         requests.exceptions.InvalidSchema,
     )
+    network = (
+        requests.RequestException,
+        urllib3.exceptions.HTTPError,
+        ConnectionError,
+        TimeoutError,
+        socket.gaierror,
+    )
     if is_disk_full(exc):
-        return _OUTAGE  # a full disk under a local store: keep the records until space returns
+        return _OUTAGE  # a full disk under a local store: retry once there is space
     for e in exception_chain(exc):  # MLflow wraps network errors, keeping them as the cause
         if isinstance(e, (MlflowConfigError, *bad_url)):
             return _FATAL
         if isinstance(e, requests.HTTPError) and e.response is not None:
             return _classify_status(e.response.status_code)  # e.g. an artifact upload
-        network_errors = (
-            requests.RequestException,
-            urllib3.exceptions.HTTPError,
-            ConnectionError,
-            TimeoutError,
-            socket.gaierror,
-        )
-        if isinstance(e, network_errors):
+        if isinstance(e, network):
             return _OUTAGE
     if isinstance(exc, MlflowException):
         return _classify_status(exc.get_http_status_code())
@@ -299,16 +235,11 @@ def _classify(exc: BaseException) -> str:
     return _SERVER_ERROR
 
 
-def _describe(exc: BaseException, limit: int = 300) -> str:
-    """A one-line summary of an exception, without a final period (callers add their own)."""
+def _describe(exc: BaseException, root: bool = False) -> str:
+    """One line about ``exc`` (``root``: about the innermost error of its chain)."""
+    exc = list(exception_chain(exc))[-1] if root else exc
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ").strip().rstrip(".")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _root_cause(exc: BaseException) -> BaseException:
-    """The innermost exception of the chain: for an outage, e.g. "ConnectionRefusedError:
-    [Errno 111] Connection refused" rather than MLflow's long wrapper message."""
-    return list(exception_chain(exc))[-1]
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _uri_help(uri: str) -> str:
@@ -318,54 +249,106 @@ def _uri_help(uri: str) -> str:
     )
 
 
-# --------------------------------------------------------------------------------------------
-# Sending operations
+class _Outbox:
+    """What of a run directory MLflow has not acknowledged (see the module docstring). Shared by
+    the training thread, which adds, and the sender, which acknowledges; each change is saved."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.lock = Path(run_dir), threading.Lock()
+        self.metrics_path = self.run_dir / METRICS_FILE
+        self.cursor: dict[str, Any] = _read_json(self.run_dir / CURSOR_FILE) or {"offset": 0}
+        self.unsent: dict[str, Any] = {"params": {}, "tags": {}, "artifacts": [], "end": None}
+        self.unsent.update(_read_json(self.run_dir / UNSENT_FILE) or {})
+
+    def aim(self, tracking_uri: str, experiment: str, run_name: str, run_id: str | None) -> None:
+        """Send to ``tracking_uri``. A server other than the cursor's gets a new run there with
+        the whole metrics history."""
+        old = self.cursor
+        if old.get("tracking_uri") not in (None, tracking_uri):
+            if old.get("run_id"):
+                log.warning(
+                    "%s was sent to %s (run %s); sending all of it to %s",
+                    self.run_dir,
+                    old["tracking_uri"],
+                    old["run_id"],
+                    tracking_uri,
+                )
+            old, run_id = {"offset": 0}, None
+        new = {"token": uuid.uuid4().hex, **old, "tracking_uri": tracking_uri}
+        new |= {
+            "experiment": experiment,
+            "run_name": run_name,
+            "run_id": run_id or old.get("run_id"),
+        }
+        self.change(lambda: self.cursor.update(new), "cursor")
+
+    def change(self, edit: Callable[[], Any], what: str = "unsent") -> None:
+        """Apply ``edit`` to the ``cursor`` or the ``unsent`` records, and save that file."""
+        with self.lock:
+            edit()
+            if what == "cursor":
+                _write_json(self.run_dir / CURSOR_FILE, self.cursor)
+            elif any(self.unsent.values()):
+                _write_json(self.run_dir / UNSENT_FILE, self.unsent)
+            else:
+                (self.run_dir / UNSENT_FILE).unlink(missing_ok=True)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A copy of the unsent records, to send while the training thread adds more."""
+        with self.lock:
+            return json.loads(json.dumps(self.unsent))
+
+    def metrics(self) -> tuple[list[Any], int]:
+        """The metric values after the offset, up to :data:`VALUES_PER_SEND` of them (as MLflow
+        ``Metric``s), and the offset after them."""
+        from mlflow.entities import Metric
+
+        values, offset = [], self.cursor["offset"]
+        lines = _metric_lines(self.metrics_path, offset) if self.metrics_path.exists() else ()
+        for end, r in lines:
+            values += [Metric(k, v, r["timestamp"], r["step"]) for k, v in r["metrics"].items()]
+            offset = end
+            if len(values) >= VALUES_PER_SEND:
+                break
+        return values, offset
+
+    def backlog(self) -> int:
+        """How many records are not acknowledged: metric values, params, tags, artifacts."""
+        u = self.unsent
+        n = len(u["params"]) + len(u["tags"]) + len(u["artifacts"])
+        if self.metrics_path.exists():
+            lines = _metric_lines(self.metrics_path, self.cursor["offset"], warn=False)
+            n += sum(len(r["metrics"]) for _, r in lines)
+        return n
+
+    def empty(self) -> bool:
+        size = self.metrics_path.stat().st_size if self.metrics_path.exists() else 0
+        return not any(self.unsent.values()) and self.cursor["offset"] >= size
 
 
-def _group_len(ops: Sequence[Op], start: int) -> int:
-    """How many operations from ``ops[start]`` go in one request: consecutive metrics
-    operations are batched up to MLflow's limit, anything else goes alone."""
-    if ops[start]["op"] != "metrics":
-        return 1
-    n, total = 0, 0
-    for op in itertools.islice(ops, start, None):  # ops may be a deque: no slicing
-        if op["op"] != "metrics" or total + len(op["metrics"]) > MAX_METRICS_PER_BATCH:
-            break
-        total += len(op["metrics"])
-        n += 1
-    return max(n, 1)
+@dataclass
+class _Unit:
+    """One request's worth of the outbox: ``send`` returns the records MLflow accepted, then
+    ``done`` takes them out of the outbox (also when they are dropped)."""
 
-
-def _count_records(ops: Sequence[Op]) -> int:
-    """Metric values, params, tags and artifacts in ``ops`` (run start/end are not records)."""
-    n = 0
-    for op in ops:
-        if op["op"] in ("metrics", "params", "tags"):
-            n += len(op[op["op"]])  # the payload is stored under the op's name
-        elif op["op"] == "artifact":
-            n += 1
-    return n
-
-
-def _local_artifact_location(uri: str) -> str | None:
-    """For a SQLite store, keep artifacts next to the database: MLflow's default would be
-    ``./mlruns`` relative to whatever the working directory happens to be."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    db = Path(uri[len(prefix) :].split("?", 1)[0])
-    return (db.resolve().parent / "mlartifacts").as_uri()
+    kind: str
+    send: Callable[[], int]
+    done: Callable[[], None]
 
 
 class _Sender:
-    """Applies operations to one MLflow tracking URI, in order. Used by the tracker's thread and
-    by :func:`sync_unsent`. Raises on failure; the caller decides whether to retry."""
+    """Brings one tracking URI up to date with an outbox, a unit at a time."""
 
-    def __init__(self, tracking_uri: str, run_dir: Path) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_dir = Path(run_dir)
+    def __init__(self, outbox: _Outbox) -> None:
+        self.box, self.uri = outbox, outbox.cursor["tracking_uri"]
         self.run_id: str | None = None
         self._client: MlflowClient | None = None
+
+    @property
+    def run(self) -> str:
+        """The run id, for the units that come after ``start_run``."""
+        assert self.run_id is not None, "no MLflow run yet"
+        return self.run_id
 
     @property
     def client(self) -> MlflowClient:
@@ -373,15 +356,13 @@ class _Sender:
             from mlflow import MlflowClient
 
             try:
-                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                self._client = MlflowClient(tracking_uri=self.uri)
             except Exception as e:  # whatever the store registry raises: the URI is unusable
                 detail = _describe(e)
-                if type(e).__name__.startswith("Unsupported"):
-                    # MLflow's message talks about the model registry, which is confusing here.
-                    scheme = self.tracking_uri.partition(":")[0]
-                    detail = f"MLflow does not support the scheme {scheme!r} ({detail})"
+                if type(e).__name__.startswith("Unsupported"):  # MLflow's text names the registry
+                    detail = f"MLflow does not support the scheme {self.uri.partition(':')[0]!r}"
                 raise MlflowConfigError(
-                    f"MLflow cannot use tracking URI {self.tracking_uri!r}: {detail}"
+                    f"MLflow cannot use tracking URI {self.uri!r}: {detail}"
                 ) from e
         return self._client
 
@@ -389,146 +370,152 @@ class _Sender:
         """Whether the server answers a simple request (tells a bad record from an outage)."""
         try:
             self.client.search_experiments(max_results=1)
-        except Exception as e:  # any failure means "not healthy"; the caller keeps retrying
-            log.debug("MLflow health probe failed: %s", _describe(e))
+            return True
+        except Exception:  # noqa: BLE001 - any failure means "not healthy"
             return False
-        return True
 
-    def send(self, group: Sequence[Op]) -> int:
-        """Apply one group (see :func:`_group_len`); returns the number of records MLflow
-        accepted. Records it rejects for good are logged and dropped."""
-        op = group[0]
-        kind = op["op"]
-        if kind == "start_run":
-            self._start_run(op)
-            return 0
+    def next_unit(self) -> _Unit | None:
+        """What to send next; None when MLflow holds the whole outbox."""
+        from mlflow.entities import Param, RunTag
+
+        box, u, todo = self.box, self.box.unsent, self.box.snapshot()
         if self.run_id is None:
-            raise RuntimeError(f"MLflow operation {kind!r} before start_run")  # a bug here
-        if kind == "metrics":
-            from mlflow.entities import Metric
-
-            metrics = [
-                Metric(key, value, o["timestamp"], o["step"])
-                for o in group
-                for key, value in o["metrics"].items()
+            return _Unit("start_run", self._start_run, lambda: None)
+        if todo["params"] or todo["tags"]:
+            params, tags = todo["params"], todo["tags"]
+            items = [Param(k, v) for k, v in params.items()] + [
+                RunTag(k, v) for k, v in tags.items()
             ]
-            return self._log_batch(metrics, "metrics", lambda m: self._batch(metrics=m))
-        if kind == "params":
-            from mlflow.entities import Param
 
-            params = [Param(k, v) for k, v in op["params"].items()]
-            return self._log_batch(params, "params", lambda p: self._batch(params=p))
-        if kind == "tags":
-            from mlflow.entities import RunTag
+            def forget() -> None:
+                for kind, sent in (("params", params), ("tags", tags)):
+                    for k, v in sent.items():
+                        if u[kind].get(k) == v:  # not changed meanwhile
+                            del u[kind][k]
 
-            tags = [RunTag(k, v) for k, v in op["tags"].items()]
-            return self._log_batch(tags, "tags", lambda t: self._batch(tags=t))
-        if kind == "artifact":
-            self.client.log_artifact(self.run_id, op["path"], op.get("artifact_path"))
-            return 1
-        if kind == "end_run":
-            if op["status"] != "RUNNING":  # RUNNING: interrupted, to be resumed; leave it open
-                self.client.set_terminated(self.run_id, op["status"], end_time=op["timestamp"])
-            return 0
-        raise ValueError(f"unknown MLflow operation {kind!r}")
+            return _Unit(
+                "params",
+                lambda: self._log_batch(items, "params and tags"),
+                lambda: box.change(forget),
+            )
+        metrics, offset = box.metrics()
+        if offset != box.cursor["offset"]:  # values, or only unreadable lines to step over
+            return _Unit(
+                "metrics",
+                lambda: self._log_batch(metrics, "metrics"),
+                lambda: box.change(lambda: box.cursor.update(offset=offset), "cursor"),
+            )
+        if todo["artifacts"]:
+            art = todo["artifacts"][0]
+            return _Unit(
+                "artifact",
+                lambda: self._upload(*art),
+                lambda: box.change(lambda: u["artifacts"].remove(art)),
+            )
+        if end := todo["end"]:
+            return _Unit(
+                "end_run",
+                lambda: self._end_run(end),
+                lambda: box.change(lambda: u.update(end=None)),
+            )
+        return None
 
-    def _batch(self, **entities: Any) -> None:
-        assert self.run_id is not None
-        self.client.log_batch(self.run_id, synchronous=True, **entities)
+    def _upload(self, path: str, artifact_path: str | None) -> int:
+        self.client.log_artifact(self.run, path, artifact_path)
+        return 1
 
-    def _log_batch(self, items: list[Any], what: str, send: Callable[[list[Any]], None]) -> int:
+    def _end_run(self, end: dict[str, Any]) -> int:
+        if end["status"] != "RUNNING":  # RUNNING: interrupted, to be resumed; leave it open
+            self.client.set_terminated(self.run, end["status"], end_time=end["timestamp"])
+        return 0
+
+    def _log_batch(self, items: list[Any], what: str) -> int:
+        """Send ``items``. If MLflow rejects them for good, bisect to drop only the bad records
+        (one bad metric name must not cost a thousand good values)."""
+        from mlflow.entities import Metric, Param, RunTag
+
         rejected: list[tuple[Any, BaseException]] = []
-        sent = self._bisect(items, send, rejected)
+
+        def send(part: list[Any]) -> int:
+            try:
+                self.client.log_batch(
+                    self.run,
+                    metrics=[i for i in part if isinstance(i, Metric)],
+                    params=[i for i in part if isinstance(i, Param)],
+                    tags=[i for i in part if isinstance(i, RunTag)],
+                )
+                return len(part)
+            except Exception as e:  # classified: only a permanent rejection is handled here
+                if _classify(e) != _PERMANENT:
+                    raise
+                if len(part) == 1:
+                    rejected.append((part[0], e))
+                    return 0
+            return send(part[: len(part) // 2]) + send(part[len(part) // 2 :])
+
+        sent = send(items) if items else 0
         if rejected:
-            keys = ", ".join(sorted({getattr(item, "key", "?") for item, _ in rejected}))
             log.warning(
                 "MLflow rejected %d of %d %s (keys: %s): %s. Dropped them%s.",
                 len(rejected),
                 len(items),
                 what,
-                keys,
+                ", ".join(sorted({i.key for i, _ in rejected})),
                 _describe(rejected[0][1]),
                 "; they remain in metrics.jsonl" if what == "metrics" else "",
             )
         return sent
 
-    def _bisect(
-        self,
-        items: list[Any],
-        send: Callable[[list[Any]], None],
-        rejected: list[tuple[Any, BaseException]],
-    ) -> int:
-        """Send ``items``; if MLflow rejects the batch for good, split it to find and drop only
-        the bad records (one bad metric name must not cost a thousand good values)."""
-        try:
-            send(items)
-            return len(items)
-        except Exception as e:  # classified: only a permanent rejection is handled here
-            if _classify(e) != _PERMANENT:
-                raise
-            if len(items) == 1:
-                rejected.append((items[0], e))
-                return 0
-        mid = len(items) // 2
-        return self._bisect(items[:mid], send, rejected) + self._bisect(items[mid:], send, rejected)
-
-    def _start_run(self, op: Op) -> None:
-        """Create or reuse the experiment, then continue ``op["run_id"]`` or create the run."""
+    def _start_run(self) -> int:
+        """Find or create the experiment, then continue the cursor's run or create one."""
         from mlflow.exceptions import MlflowException
 
-        client = self.client
-        name = op["experiment"]
+        client, cursor = self.client, self.box.cursor
+        name = cursor["experiment"]
         experiment = client.get_experiment_by_name(name)
         if experiment is not None and experiment.lifecycle_stage != "active":
             raise MlflowConfigError(
-                f"MLflow experiment {name!r} is deleted in {self.tracking_uri!r}; restore it "
+                f"MLflow experiment {name!r} is deleted in {self.uri!r}; restore it "
                 "(`mlflow experiments restore`) or set tracking.experiment to another name."
             )
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
+        if experiment is None:
+            where = None  # a SQLite store keeps artifacts beside it, not in ./mlruns
+            if self.uri.startswith("sqlite:///"):
+                db = Path(self.uri.removeprefix("sqlite:///").split("?", 1)[0])
+                where = (db.resolve().parent / "mlartifacts").as_uri()
             try:
-                experiment_id = client.create_experiment(
-                    name, artifact_location=_local_artifact_location(self.tracking_uri)
-                )
+                client.create_experiment(name, artifact_location=where)
             except MlflowException as e:
-                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":  # else another process won the race
                     raise
-                # Another process created it between our lookup and create.
-                created = client.get_experiment_by_name(name)
-                assert created is not None  # it exists: creating it clashed
-                experiment_id = created.experiment_id
-
-        run_id = op.get("run_id")
-        if run_id:
-            run_id = self._continue_run(run_id)
-        if run_id is None and op.get("token"):
-            # An earlier attempt may have created the run before failing (or before the
-            # process gave up on it); never create it twice.
+            experiment = client.get_experiment_by_name(name)
+            assert experiment is not None, name
+        run_id = self._continue_run(cursor["run_id"]) if cursor["run_id"] else None
+        token = cursor["token"]
+        if run_id is None:  # an earlier attempt may have created it and then failed
             found = client.search_runs(
-                [experiment_id], f"tags.`{TOKEN_TAG}` = '{op['token']}'", max_results=1
+                [experiment.experiment_id], f"tags.`{TOKEN_TAG}` = '{token}'"
             )
             run_id = found[0].info.run_id if found else None
         if run_id is None:
-            tags = {TOKEN_TAG: op["token"]} if op.get("token") else None
-            run = client.create_run(
-                experiment_id, start_time=op.get("timestamp"), tags=tags, run_name=op["run_name"]
-            )
-            run_id = run.info.run_id
-            log.info(
-                "MLflow run %s created in experiment %r at %s", run_id, name, self.tracking_uri
-            )
-        self.run_id = run_id
-        _write_run_info(
-            self.run_dir,
+            run_id = client.create_run(
+                experiment.experiment_id, tags={TOKEN_TAG: token}, run_name=cursor["run_name"]
+            ).info.run_id
+            log.info("MLflow run %s created in experiment %r at %s", run_id, name, self.uri)
+        offset = cursor["offset"] if run_id == cursor["run_id"] else 0  # a new run gets it all
+        self.box.change(lambda: cursor.update(run_id=run_id, offset=offset), "cursor")
+        _write_json(
+            self.box.run_dir / RUN_INFO_FILE,
             {
-                "tracking_uri": self.tracking_uri,
+                "tracking_uri": self.uri,
                 "experiment": name,
-                "experiment_id": experiment_id,
+                "experiment_id": experiment.experiment_id,
                 "run_id": run_id,
-                "run_name": op["run_name"],
+                "run_name": cursor["run_name"],
             },
         )
+        self.run_id = run_id
+        return 0
 
     def _continue_run(self, run_id: str) -> str | None:
         """Reopen an existing run on resume; None if it cannot be continued."""
@@ -539,25 +526,28 @@ class _Sender:
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            log.warning(
-                "MLflow run %s does not exist at %s; starting a new run", run_id, self.tracking_uri
-            )
+            log.warning("MLflow run %s does not exist at %s; starting a new run", run_id, self.uri)
             return None
         if run.info.lifecycle_stage != "active":
             log.warning("MLflow run %s is deleted; starting a new run", run_id)
             return None
         if run.info.status != "RUNNING":
             self.client.update_run(run_id, status="RUNNING")
-        log.info("Continuing MLflow run %s at %s", run_id, self.tracking_uri)
+        log.info("Continuing MLflow run %s at %s", run_id, self.uri)
         return run_id
 
 
-# --------------------------------------------------------------------------------------------
-# Trackers
+def _decide(exc: Exception, unit: _Unit, failures: int, sender: _Sender) -> str:
+    """What a failed send means: ``_OUTAGE``/``_SERVER_ERROR`` (retry), ``_PERMANENT`` (drop
+    this unit) or ``_FATAL`` (stop sending)."""
+    how = _classify(exc)
+    if how == _SERVER_ERROR and failures >= SERVER_ERROR_ATTEMPTS and sender.healthy():
+        how = _PERMANENT  # the server works but keeps failing on this record
+    return _FATAL if how == _PERMANENT and unit.kind == "start_run" else how
 
 
 class Tracker:
-    """Logs to ``metrics.jsonl`` at once and to MLflow from a background thread (rank 0 only).
+    """Logs to the run directory at once and to MLflow from a background thread (rank 0 only).
 
     Args:
         run_dir: The run directory (created if missing).
@@ -566,18 +556,16 @@ class Tracker:
         experiment: MLflow experiment name (created if missing).
         run_name: MLflow run name, used when a new run is created.
         run_id: Continue this MLflow run (on resume; see :func:`read_run_info`). If it does not
-            exist in the store, a new run is created.
-        flush_timeout_s: How long :meth:`close` waits for unsent records.
+            exist in the store, a new run is created and gets the whole history.
+        flush_timeout_s: How long :meth:`close` waits for the backlog.
         max_backoff_s: Cap on the wait between retries while the server is unreachable.
-        system_metrics_every_s: Once the run exists, MLflow's own system-metrics monitor samples
-            CPU, memory, disk, network (and NVIDIA GPUs, through nvidia-ml-py) this often and
-            logs them as ``system/*`` metrics until :meth:`close`; 0: off. Samples taken while
-            the server is down are MLflow's to drop: they are not part of the outbox.
+        system_metrics_every_s: Once the run exists, MLflow's system-metrics monitor samples CPU,
+            memory, disk, network (and NVIDIA GPUs) this often as ``system/*`` metrics until
+            :meth:`close`; 0: off. These samples are MLflow's, not part of the outbox.
 
-    Values are converted with ``float``/``str`` on the calling thread, so a value that is not a
-    number raises there (a bug in the caller, surfaced at once). Nothing else raises: MLflow
-    problems are logged and retried in the background, and records stay in memory until sent
-    (about 200 bytes per metric value), so a long outage costs memory, never data.
+    Values are converted with ``float``/``str`` on the calling thread, so one that is not a
+    number raises there. Nothing else raises but a full disk: the backlog of an outage is read
+    from the run directory, so it costs neither memory nor data.
     """
 
     def __init__(
@@ -595,233 +583,146 @@ class Tracker:
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.flush_timeout_s = flush_timeout_s
-        self.max_backoff_s = max_backoff_s
+        self.flush_timeout_s, self.max_backoff_s = flush_timeout_s, max_backoff_s
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.run_dir) if enabled else None
-
-        self._cond = threading.Condition()  # guards everything below and the metrics file
-        self._ops: deque[Op] = deque()
+        self._file = _open_for_append(self.run_dir / METRICS_FILE)
+        self._cond = threading.Condition()  # guards the flags; notified whenever a unit is done
+        self._wake = threading.Event()  # set when there is something new to send
+        self._closed = self._stopping = self._disabled = self._worker_done = False
         self._run_id: str | None = None
-        self._closed = False
-        self._closing = False  # close() is waiting for the queue to drain
-        self._abandoned = False  # close() gave up and saved the queue; the thread must stop
-        self._disabled = False  # a fatal configuration error: nothing more is sent
-        self._worker_done = False
-        self._metrics_file = _open_for_append(self.run_dir / METRICS_FILE)
-        self._thread: threading.Thread | None = None
-        self._system_metrics_every_s = system_metrics_every_s
+        self._system_every_s = system_metrics_every_s
         self._monitor: Any = None
-
-        self._token = uuid.uuid4().hex
-        self._start_op: Op = {
-            "op": "start_run",
-            "tracking_uri": self.tracking_uri,
-            "experiment": experiment,
-            "run_name": run_name,
-            "run_id": run_id,
-            "token": self._token,
-            "timestamp": _now_ms(),
-        }
-        if not enabled:
+        self._thread: threading.Thread | None = None
+        if self.tracking_uri is None:
             return
-        if (self.run_dir / UNSENT_FILE).exists():
-            log.warning(
-                "%s holds MLflow records an earlier job could not send; send them with `%s %s`",
-                self.run_dir / UNSENT_FILE,
-                SYNC_COMMAND,
-                self.run_dir,
-            )
-        _HttpDefaults.acquire()
-        self._ops.append(self._start_op)
+        self._box = _Outbox(self.run_dir)
+        self._box.unsent["end"] = None  # an earlier job's end status: this job's decides
+        self._box.aim(self.tracking_uri, experiment, run_name, run_id)
+        if backlog := self._box.backlog():
+            log.info("%d MLflow records an earlier job left unsent go out with this job's", backlog)
+        self._http = ExitStack()
+        self._http.enter_context(_http_defaults())
         self._thread = threading.Thread(target=self._serve, name="patchsae-mlflow", daemon=True)
         self._thread.start()
-
-    # ---- API used by the training loop ------------------------------------------------------
 
     @property
     def run_id(self) -> str | None:
         """The MLflow run id once the run exists on the server, else None."""
-        with self._cond:
-            return self._run_id
+        return self._run_id
 
     def log_params(self, params: dict[str, Any]) -> None:
-        """Log parameters; values are converted with ``str`` and cut to MLflow's 6000 chars."""
-        clean = {str(k): _truncate(v, MAX_PARAM_VAL_LENGTH, "param", k) for k, v in params.items()}
-        self._enqueue(
-            [{"op": "params", "params": c} for c in _chunks(clean, MAX_PARAMS_TAGS_PER_BATCH)]
-        )
+        """Log parameters (values converted with ``str``; MLflow cuts them to its limit)."""
+        self._add(lambda u: u["params"].update({str(k): str(v) for k, v in params.items()}))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set run tags (values converted with ``str``; MLflow cuts them to its limit)."""
+        self._add(lambda u: u["tags"].update({str(k): str(v) for k, v in tags.items()}))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        """Upload a file. It is read when the upload happens, so keep it in place."""
+        if not Path(path).is_file():
+            log.warning("Not logging %s to MLflow: it is not a file", path)
+            return
+        self._add(lambda u: u["artifacts"].append([str(Path(path).resolve()), artifact_path]))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        """Append the metrics to ``metrics.jsonl`` (flushed) and queue them for MLflow."""
+        """Append the metrics to ``metrics.jsonl`` (flushed); the sender picks them up."""
         record = {
             "step": int(step),
             "timestamp": _now_ms(),
             "metrics": {str(k): float(v) for k, v in metrics.items()},
         }
-        line = json.dumps(record)
-        ops = [
-            {**record, "op": "metrics", "metrics": chunk}
-            for chunk in _chunks(dict(record["metrics"]), MAX_METRICS_PER_BATCH)  # type: ignore[call-overload]
-        ]
-        with self._cond:  # one critical section: the file and the queue never disagree
+        with self._cond:
             self._check_open()
-            self._enqueue_locked(ops)  # first: MLflow may still get what the disk cannot hold
-            _append_line(self._metrics_file, line, self.run_dir / METRICS_FILE)
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        """Upload a file. It is read when the upload happens, so keep it until :meth:`close`."""
-        path = Path(path).resolve()
-        if not path.is_file():
-            log.warning("Not logging %s to MLflow: it is not a file", path)
-            return
-        self._enqueue([{"op": "artifact", "path": str(path), "artifact_path": artifact_path}])
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        """Set run tags; values are converted with ``str`` and cut to MLflow's 8000 chars."""
-        clean = {str(k): _truncate(v, MAX_TAG_VAL_LENGTH, "tag", k) for k, v in tags.items()}
-        self._enqueue(
-            [{"op": "tags", "tags": c} for c in _chunks(clean, MAX_PARAMS_TAGS_PER_BATCH)]
-        )
+            _append_line(self._file, json.dumps(record), self.run_dir / METRICS_FILE)
+        self._wake.set()
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait up to ``timeout_s`` until everything queued so far was sent (or dropped).
-        Returns whether the queue is empty. The training loop has no need to call this."""
+        """Wait up to ``timeout_s`` until everything logged so far was sent (or dropped); returns
+        whether it was. The training loop has no need to call this."""
+        if self._thread is None:
+            return True
         with self._cond:
             self._cond.wait_for(self._idle, timeout=timeout_s)
-            return not self._ops
+            return self._box.empty()
 
     def close(self, status: str = "FINISHED") -> None:
         """End the MLflow run with ``status`` (FINISHED, FAILED, KILLED; RUNNING leaves it open
-        for a job that will resume), waiting up to ``flush_timeout_s`` for the queue; save what
-        is left to ``mlflow_unsent.jsonl``."""
+        for a job that will resume), waiting up to ``flush_timeout_s`` for the backlog."""
         with self._cond:
             if self._closed:
                 return
             self._closed = True
-            self._metrics_file.close()
-            if self._thread is None:
-                return
-            monitor, self._monitor = self._monitor, None
-        if monitor is not None:  # its last samples go out before the run ends
-            monitor.finish()
-        with self._cond:
-            self._ops.append({"op": "end_run", "status": status, "timestamp": _now_ms()})
-            self._closing = True
-            self._cond.notify_all()
-            try:
+            self._file.close()
+        if self._thread is None:
+            return
+        if self._monitor is not None:  # its last samples go out before the run ends
+            self._monitor.finish()
+        end, saved = {"status": status, "timestamp": _now_ms()}, True
+        try:
+            self._box.change(lambda: self._box.unsent.update(end=end))
+        except OSError as err:  # a full disk: the sender may still get it to MLflow
+            saved = False
+            log.warning("could not save unsent MLflow records to %s: %s", self.run_dir, err)
+        self._wake.set()
+        try:
+            with self._cond:
                 if not self._cond.wait_for(self._idle, timeout=self.flush_timeout_s):
                     log.info("Waited %.0f s for MLflow; giving up", self.flush_timeout_s)
-            finally:  # even when interrupted (Ctrl-C) while waiting: save what is left
-                # Why records are left, decided before the thread is told to stop.
-                if self._disabled:
-                    reason = f"MLflow could not be used with {self.tracking_uri!r}"
-                elif self._worker_done:
-                    reason = "the MLflow thread stopped (see the error above)"
-                else:
-                    reason = f"the MLflow server at {self.tracking_uri} could not be reached"
-                pending = list(self._ops)
-                self._ops.clear()
-                self._abandoned = True
+                self._stopping = True
                 self._cond.notify_all()
-                run_id = self._run_id
-        try:
-            if pending:
-                self._save_unsent(pending, run_id, reason)
-            else:
-                log.info("MLflow: all records sent to %s (run %s)", self.tracking_uri, run_id)
-        finally:
-            # The thread stops at its next step; it only outlives this join while stuck in a
-            # request (at most MLFLOW_HTTP_REQUEST_TIMEOUT), and it is a daemon.
+        finally:  # even when interrupted (Ctrl-C) while waiting
+            self._wake.set()
             self._thread.join(timeout=1.0)
-            _HttpDefaults.release()
+            self._http.close()
+            self._report(saved)
 
     def __enter__(self) -> Tracker:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            self.close("FINISHED")
-        elif issubclass(exc_type, KeyboardInterrupt):
-            self.close("KILLED")
-        else:
-            self.close("FAILED")
-
-    # ---- internals ----------------------------------------------------------------------------
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        interrupted = exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+        self.close("FINISHED" if exc_type is None else "KILLED" if interrupted else "FAILED")
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"Tracker for {self.run_dir} is closed")
 
-    def _enqueue(self, ops: list[Op]) -> None:
-        with self._cond:
-            self._check_open()
-            self._enqueue_locked(ops)
-
-    def _enqueue_locked(self, ops: list[Op]) -> None:
-        if self._thread is None:
-            return  # MLflow is off: only metrics.jsonl is written
-        self._ops.extend(ops)
-        self._cond.notify_all()
-
-    def _start_system_metrics(self) -> None:
-        """Start MLflow's system-metrics monitor on the new run (called with the lock held)."""
-        if self._system_metrics_every_s <= 0 or self._monitor is not None or self._closed:
-            return
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(
-                self._run_id,
-                sampling_interval=self._system_metrics_every_s,
-                samples_before_logging=1,
-                resume_logging=True,  # a resumed run continues its step count
-                tracking_uri=self.tracking_uri,
-            )
-            self._monitor.start()
-        except Exception as e:  # noqa: BLE001 - system metrics are a nicety, never a failure
-            log.warning("MLflow system metrics are off: %s", _describe(e))
-            self._monitor = None
+    def _add(self, edit: Callable[[dict[str, Any]], Any]) -> None:
+        self._check_open()
+        if self._thread is not None:  # MLflow off: nothing but metrics.jsonl is kept
+            self._box.change(lambda: edit(self._box.unsent))
+            self._wake.set()
 
     def _idle(self) -> bool:
-        # Nothing left that the thread will still send (called with the lock held).
-        return not self._ops or self._disabled or self._worker_done
+        return self._disabled or self._worker_done or self._box.empty()
 
-    def _save_unsent(self, pending: list[Op], run_id: str | None, reason: str) -> None:
-        """Append the unsent records to the run directory's ``mlflow_unsent.jsonl``; where that
-        disk is full, to the system's temp folder; say where (or that neither had room)."""
-        if pending[0]["op"] != "start_run":
-            # Make the segment self-contained: it continues the run this tracker created.
-            pending.insert(0, {**self._start_op, "run_id": run_id or self._start_op["run_id"]})
-        text = "".join(json.dumps(op) + "\n" for op in pending)
-        count, why = _count_records(pending), reason[0].upper() + reason[1:]
-        fallback = Path(tempfile.gettempdir()) / f"{UNSENT_FILE}.{self._token}"
-        for path in (self.run_dir / UNSENT_FILE, fallback):
-            try:  # append (never clobber an earlier segment), all of it or nothing
-                with _open_for_append(path) as f:
-                    _append_line(f, text[:-1], path)
-                break
-            except OSError as err:
-                log.warning("could not save unsent MLflow records to %s: %s", path, err)
-                if path.is_file() and not path.stat().st_size:
-                    path.unlink()  # created by this attempt: an empty file would mislead
-        else:
-            log.error(
-                "%s: %d MLflow records could not be saved anywhere (no space in %s or %s); "
-                "every metric logged before the disk filled is in %s",
-                why, count, self.run_dir, fallback.parent, self.run_dir / METRICS_FILE,
-            )  # fmt: skip
+    def _report(self, saved: bool) -> None:
+        """Say what is left unsent at close, where it is, and how to send it."""
+        if self._box.empty():
+            log.info("MLflow: all records sent to %s (run %s)", self.tracking_uri, self._run_id)
             return
-        move = f"move it to {self.run_dir / UNSENT_FILE} and " if path == fallback else ""
+        why = (
+            f"MLflow could not be used with {self.tracking_uri!r}"
+            if self._disabled
+            else "The MLflow thread stopped (see the error above)"
+            if self._worker_done
+            else f"The MLflow server at {self.tracking_uri} could not be reached"
+        )
+        path, move = self.run_dir / UNSENT_FILE, ""
+        if not saved:  # the run directory is full: the unsent records go to the temp folder
+            path = Path(tempfile.gettempdir()) / f"{UNSENT_FILE}.{self._box.cursor['token']}"
+            move = f"move it to {self.run_dir / UNSENT_FILE} and "
+            try:
+                _write_json(path, self._box.unsent)
+            except OSError as err:
+                log.error("%s, and its end status could not be saved anywhere: %s", why, err)
+                return
         log.warning(
-            "%s: saved %d unsent MLflow records to %s (all metrics are also in %s). "
-            "Send them later: %s%s %s",
+            "%s: saved %d unsent MLflow records to %s (all metrics are in %s). Send them "
+            "later: %s%s %s",
             why,
-            count,
+            self._box.backlog(),
             path,
             self.run_dir / METRICS_FILE,
             move,
@@ -829,117 +730,98 @@ class Tracker:
             self.run_dir,
         )
 
-    def _serve(self) -> None:
-        """The background thread: send queued operations in order until close()."""
-        assert self.tracking_uri is not None
-        sender = _Sender(self.tracking_uri, self.run_dir)
-        failures = 0  # consecutive failures of the group at the head of the queue
-        outage_since: float | None = None
+    def _start_system_metrics(self) -> None:
+        if self._system_every_s <= 0 or self._closed:
+            return
         try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._ops or self._closing or self._abandoned)
-                    if self._abandoned or not self._ops:
-                        return
-                    group = [self._ops[i] for i in range(_group_len(self._ops, 0))]
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self._run_id,
+                sampling_interval=self._system_every_s,
+                samples_before_logging=1,
+                resume_logging=True,
+                tracking_uri=self.tracking_uri,
+            )
+            self._monitor.start()
+        except Exception as e:  # noqa: BLE001 - system metrics are a nicety, never a failure
+            log.warning("MLflow system metrics are off: %s", _describe(e))
+            self._monitor = None
+
+    def _serve(self) -> None:
+        """The background thread: bring MLflow up to date with the outbox until close()."""
+        sender, failures, outage_since = _Sender(self._box), 0, None
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                if (unit := sender.next_unit()) is None:
+                    with self._cond:
+                        self._cond.notify_all()
+                    self._wake.wait(timeout=1.0)
+                    continue
                 try:
-                    sent = sender.send(group)
-                except Exception as e:  # classified below: retry, drop or stop
+                    sent = unit.send()
+                except Exception as e:  # decided below: retry, drop or stop
                     failures += 1
-                    action = self._on_failure(e, group, failures, sender, outage_since)
-                    if action == "stop":
-                        return
-                    if action == "retry":
+                    how = _decide(e, unit, failures, sender)
+                    if how == _FATAL:
+                        return self._stop_sending(e)
+                    if how != _PERMANENT:
+                        if outage_since is None:
+                            log.warning(
+                                "Cannot reach MLflow at %s (%s). Training continues; metrics are in %s and "
+                                "will be sent when the server is back (retrying every few seconds). %s",
+                                self.tracking_uri,
+                                _describe(e, root=True),
+                                self.run_dir / METRICS_FILE,
+                                _uri_help(self.tracking_uri or ""),
+                            )
                         outage_since = outage_since or time.monotonic()
-                        self._backoff(failures)
+                        with self._cond:  # 0.5 s doubling up to max_backoff_s, or until close()
+                            delay = min(self.max_backoff_s, 0.5 * 2 ** (failures - 1))
+                            self._cond.wait_for(lambda: self._stopping, timeout=delay)
                         continue
-                    sent = 0  # "drop": give up on this group and go on
+                    sent = 0
+                    log.warning(
+                        "MLflow rejected the %s: %s. Dropped it%s.",
+                        unit.kind,
+                        _describe(e),
+                        "; the values remain in metrics.jsonl" if unit.kind == "metrics" else "",
+                    )
                 if outage_since is not None:
                     log.info(
                         "MLflow at %s is reachable again after %.0f s; sending the backlog",
                         self.tracking_uri,
                         time.monotonic() - outage_since,
                     )
-                    outage_since = None
-                failures = 0
+                failures, outage_since = 0, None
+                unit.done()
                 with self._cond:
-                    if self._abandoned:
-                        return
-                    for _ in group:
-                        self._ops.popleft()
-                    if group[0]["op"] == "start_run" and group[0].get("token") == self._token:
+                    if unit.kind == "start_run":
                         self._run_id = sender.run_id
                         self._start_system_metrics()
                     self._cond.notify_all()
-                log.debug("MLflow: sent %s (%d records)", group[0]["op"], sent)
-        except Exception:
-            # Not expected (every send error is handled above). Log it with its traceback and
-            # end the thread; close() then saves the queue instead of waiting for it.
-            log.exception("MLflow tracking thread failed; records will be saved at close()")
+                log.debug("MLflow: sent %s (%d records)", unit.kind, sent)
+        except Exception:  # not expected: every send error is handled above
+            log.exception("MLflow tracking thread failed; the records stay in %s", self.run_dir)
         finally:
             with self._cond:
                 self._worker_done = True
                 self._cond.notify_all()
 
-    def _on_failure(
-        self,
-        exc: Exception,
-        group: list[Op],
-        failures: int,
-        sender: _Sender,
-        outage_since: float | None,
-    ) -> str:
-        """Decide what a failed send means: "retry", "drop" (this group) or "stop" (all)."""
-        kind = _classify(exc)
-        op = group[0]["op"]
-        if kind == _SERVER_ERROR and failures >= SERVER_ERROR_ATTEMPTS and sender.healthy():
-            kind = _PERMANENT  # the server works but keeps failing on this record
-        if kind == _PERMANENT and op == "start_run":
-            kind = _FATAL  # without a run nothing else can be logged
-        if kind == _FATAL:
-            with self._cond:
-                self._disabled = True
-                self._cond.notify_all()
-            log.error(
-                "MLflow tracking is off for this job: %s. %s Training continues; metrics are in "
-                "%s and unsent MLflow records are saved to %s at the end (send them with `%s %s`).",
-                _describe(exc, 600),
-                _uri_help(self.tracking_uri or ""),
-                self.run_dir / METRICS_FILE,
-                self.run_dir / UNSENT_FILE,
-                SYNC_COMMAND,
-                self.run_dir,
-            )
-            return "stop"
-        if kind == _PERMANENT:
-            log.warning(
-                "MLflow rejected the %s operation: %s. Dropped it%s.",
-                op,
-                _describe(exc),
-                "; the values remain in metrics.jsonl" if op == "metrics" else "",
-            )
-            return "drop"
-        if outage_since is None:
-            log.warning(
-                "Cannot reach MLflow at %s (%s). Training continues; metrics are in %s and "
-                "will be sent when the server is back (retrying every few seconds). %s",
-                self.tracking_uri,
-                _describe(_root_cause(exc)),
-                self.run_dir / METRICS_FILE,
-                _uri_help(self.tracking_uri or ""),
-            )
-        else:
-            log.debug("MLflow still unreachable: %s", _describe(exc))
-        return "retry"
-
-    def _backoff(self, failures: int) -> None:
-        """Wait before retrying (0.5 s doubling up to max_backoff_s); wakes early only when
-        close() gives up, not on every new record."""
-        delay = min(self.max_backoff_s, 0.5 * 2 ** (failures - 1))
-        deadline = time.monotonic() + delay
+    def _stop_sending(self, exc: Exception) -> None:
         with self._cond:
-            while not self._abandoned and (left := deadline - time.monotonic()) > 0:
-                self._cond.wait(timeout=left)
+            self._disabled = True
+        log.error(
+            "MLflow tracking is off for this job: %s. %s Training continues; metrics are in "
+            "%s and the other unsent records in %s (send them with `%s %s`).",
+            _describe(exc),
+            _uri_help(self.tracking_uri or ""),
+            self.run_dir / METRICS_FILE,
+            self.run_dir / UNSENT_FILE,
+            SYNC_COMMAND,
+            self.run_dir,
+        )
 
 
 class NullTracker:
@@ -947,100 +829,55 @@ class NullTracker:
 
     run_id: str | None = None
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        pass
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        pass
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+    def __exit__(self, *exc_info: object) -> None: ...
 
     def flush(self, timeout_s: float) -> bool:
         return True
 
-    def close(self, status: str = "FINISHED") -> None:
-        pass
-
     def __enter__(self) -> NullTracker:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        pass
-
-
-# --------------------------------------------------------------------------------------------
-# Sending saved records later
-
-
-def _read_ops(path: Path) -> list[Op]:
-    ops: list[Op] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                ops.append(json.loads(line))
-            except ValueError as e:
-                log.warning("%s:%d: skipping an unreadable line (%s)", path, lineno, e)
-    return ops
-
 
 def sync_unsent(run_dir: Path, tracking_uri: str | None = None) -> int:
-    """Send the records in ``run_dir/mlflow_unsent.jsonl`` to MLflow; returns how many were
-    sent (metric values, params, tags, artifacts).
+    """Send what MLflow does not hold yet of ``run_dir``: the tracker's sender, run to the end of
+    the outbox. Returns the number of records sent (metric values, params, tags, artifacts).
 
-    ``tracking_uri`` overrides the URI recorded with the records (e.g. to fix a wrong one).
-    On success the file is renamed to ``mlflow_unsent.jsonl.sent``. Records MLflow rejects for
-    good are logged and skipped. If the server cannot be reached, :class:`SyncError` is raised
-    and the file is kept; sending again is safe (see the module docstring).
+    ``tracking_uri`` overrides the URI on record (a different server gets a new run with all of
+    it). Records MLflow rejects for good are logged and skipped. If the server cannot be reached,
+    :class:`SyncError` is raised; nothing is deleted and sending again is safe.
     """
-    run_dir = Path(run_dir)
-    path = run_dir / UNSENT_FILE
-    if not path.exists():
-        log.info("Nothing to send: %s does not exist", path)
-        return 0
-    ops = _read_ops(path)
-    _HttpDefaults.acquire()
-    try:
-        sent = _send_all(ops, run_dir, tracking_uri, path)
-    finally:
-        _HttpDefaults.release()
-    os.replace(path, path.with_name(path.name + ".sent"))
-    log.info("Sent %d MLflow records from %s", sent, path)
-    return sent
-
-
-def _send_all(ops: list[Op], run_dir: Path, tracking_uri: str | None, path: Path) -> int:
-    sender: _Sender | None = None
-    sent = 0
-    i = 0
-    while i < len(ops):
-        op = ops[i]
-        if op["op"] == "start_run":
-            uri = tracking_uri or op.get("tracking_uri") or resolve_tracking_uri(None, run_dir)
-            if sender is None or sender.tracking_uri != uri:
-                sender = _Sender(uri, run_dir)
-        if sender is None:
-            raise SyncError(f"{path} does not start with a start_run record; cannot send it")
-        n = _group_len(ops, i)
-        try:
-            sent += sender.send(ops[i : i + n])
-        except Exception as e:  # classified: a rejected record is skipped, anything else stops
-            kind = _classify(e)
-            if kind != _PERMANENT or op["op"] == "start_run":
-                if kind in (_OUTAGE, _SERVER_ERROR):
-                    detail = _describe(_root_cause(e))
-                    hint = "Is the server up? Nothing was deleted; run the sync again."
-                else:
-                    detail = _describe(e)
-                    hint = _uri_help(sender.tracking_uri)
-                raise SyncError(
-                    f"Could not send {path} to MLflow at {sender.tracking_uri}: {detail}. {hint}"
-                ) from e
-            log.warning("MLflow rejected the %s record: %s; skipped it", op["op"], _describe(e))
-        i += n
+    box, info = _Outbox(Path(run_dir)), read_run_info(run_dir) or {}
+    known = {**info, **box.cursor}
+    uri = tracking_uri or known.get("tracking_uri") or resolve_tracking_uri(None, box.run_dir)
+    box.aim(
+        uri,
+        known.get("experiment") or "patchsae",
+        known.get("run_name") or box.run_dir.resolve().name,
+        known.get("run_id"),
+    )
+    sender, sent = _Sender(box), 0
+    with _http_defaults():
+        while unit := None if box.empty() and sender.run_id is None else sender.next_unit():
+            try:
+                sent += unit.send()
+            except Exception as e:  # decided: a rejected record is skipped, anything else stops
+                how = _decide(e, unit, SERVER_ERROR_ATTEMPTS, sender)
+                if how != _PERMANENT:
+                    hint = (
+                        _uri_help(uri)
+                        if how == _FATAL
+                        else "Is the server up? Nothing was deleted; run the sync again."
+                    )
+                    raise SyncError(
+                        f"Could not send {box.run_dir} to MLflow at {uri}: "
+                        f"{_describe(e, root=how != _FATAL)}. {hint}"
+                    ) from e
+                log.warning("MLflow rejected the %s: %s; skipped it", unit.kind, _describe(e))
+            unit.done()
+    log.info("Sent %d MLflow records from %s", sent, box.run_dir)
     return sent
