@@ -24,6 +24,12 @@ class TrainedSAE:
     cfg_json: dict[str, Any]
     model: ModelConfig
 
+    def __post_init__(self) -> None:
+        # A topk SAE's k is in cfg.json, not in the weights; analysis.stats.encode reads it here.
+        sae = self.cfg_json.get("config", {}).get("sae", {})
+        if sae.get("architecture") == "topk" and "k" not in self.tensors:
+            self.tensors = {**self.tensors, "k": torch.tensor(int(sae["k"]))}
+
     @property
     def n_latents(self) -> int:
         return self.tensors["W_enc"].shape[1]

@@ -40,9 +40,17 @@ def image_id(shard_index: int, position: int) -> int:
 
 
 def encode(x_ND: Tensor, tensors: dict[str, Tensor]) -> Tensor:
-    """The exported SAE's code of raw activations: ``relu((x - b_dec) @ W_enc + b_enc)``."""
+    """The exported SAE's code of raw activations, ``act((x - b_dec) @ W_enc + b_enc)``: with a
+    ``threshold`` (jumprelu, batchtopk) ``pre * (pre > threshold)``, with ``k`` (topk, see
+    ``TrainedSAE``) the ``k`` largest per token, else ``relu``."""
+    from patchsae.kernels.reference import top_mask
+
     W_enc = tensors["W_enc"]
     pre_NF = torch.addmm(tensors["b_enc"], x_ND.to(W_enc.dtype) - tensors["b_dec"], W_enc)
+    if "threshold" in tensors:
+        return pre_NF.mul_(pre_NF > tensors["threshold"])
+    if "k" in tensors:
+        return pre_NF.relu() * top_mask(pre_NF, int(tensors["k"]))
     return pre_NF.relu_()
 
 

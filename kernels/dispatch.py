@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from patchsae.kernels.reference import SAEOutput
@@ -129,14 +130,19 @@ def sae_loss(
     mse_norm: str = "none",
     l1_decoder_norm: bool = False,
     ghost_mask_F: Tensor | None = None,
+    architecture: str = "relu",
+    **options: Any,
 ) -> SAEOutput:
-    """SAE forward pass and loss; same contract as ``kernels.reference.sae_loss``."""
+    """SAE forward pass and loss; same contract as ``kernels.reference.sae_loss`` (``options``:
+    its architecture options, ``k`` to ``aux_coeff``)."""
     choice = _choice()
     tensors = (x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D)
     stats.steps += 1
     if choice == "triton" or (choice == "auto" and x_ND.is_cuda and _triton_importable()):
         kernel_path()  # a clear error when the Triton path cannot run here
         reason = _unsupported(tensors)
+        if architecture != "relu":
+            reason = f"architecture {architecture!r} (the Triton kernels implement relu)"
         if reason is None:
             from patchsae.kernels.autograd import triton_sae_loss
 
@@ -162,6 +168,8 @@ def sae_loss(
         mse_norm=mse_norm,
         l1_decoder_norm=l1_decoder_norm,
         ghost_mask_F=ghost_mask_F,
+        architecture=architecture,
+        **options,
     )
 
 

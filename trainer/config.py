@@ -22,6 +22,7 @@ from patchsae.data.activations import TokenSelection
 # them, the loader and __post_init__ check them (:func:`_check_choices`), other modules import
 # them (``typing.get_args(Strategy)``).
 MseNorm = Literal["none", "token_norm"]
+Architecture = Literal["relu", "topk", "batchtopk", "jumprelu"]
 BDecInit = Literal["geometric_median", "mean", "zeros"]
 Schedule = Literal["constant", "cosine"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -113,10 +114,36 @@ class SAEConfig:
     """Dictionary width. Exactly one of ``n_latents`` and ``expansion`` is set."""
     expansion: int | None = 8
     """Width as a multiple of the model width (64 gives 49,152 latents for ViT-B-16)."""
+    architecture: Architecture = "relu"
+    """``relu`` (the paper's: L1 penalty, ghost gradients), ``topk`` (the ``k`` largest per
+    token), ``batchtopk`` (``k`` per token on average over the batch; a threshold at inference)
+    or ``jumprelu`` (a learned threshold per latent, L0 penalty); trained silent latents come
+    back through ghost gradients (relu) or AuxK (topk, batchtopk)."""
+    k: int = 32
+    """topk, batchtopk: active latents per token."""
+    aux_k: int | None = None
+    """topk, batchtopk: how many silent latents AuxK lets reconstruct the residual (null: half
+    the model width)."""
+    aux_coeff: float = 0.03125
+    """topk, batchtopk: weight of the AuxK term (1/32)."""
+    jumprelu_threshold: float = 0.001
+    """jumprelu: initial threshold of every latent (on the scaled inputs)."""
+    jumprelu_bandwidth: float = 0.001
+    """jumprelu: width of the straight-through estimator's window around the threshold."""
     l1_coeff: float = 8e-5
-    """Weight of the L1 penalty on the latent code."""
+    """Weight of the sparsity penalty: L1 on the code (relu), L0 (jumprelu); unused by topk and
+    batchtopk."""
+    l1_warmup_steps: int = 0
+    """Ramp the sparsity penalty linearly from 0 to ``l1_coeff`` over this many steps."""
     l1_decoder_norm: bool = False
     """Weight each latent's L1 term by the norm of its decoder row."""
+    unit_norm_decoder: bool = True
+    """Keep decoder rows at unit norm (the paper's). False leaves the decoder free; pair it with
+    ``l1_decoder_norm: true`` and ``tied_init: true`` (the SAELens ``standard`` recipe)."""
+    tied_init: bool = False
+    """Initialise the encoder as the decoder's transpose."""
+    decoder_init_norm: float | None = None
+    """Initial norm of each decoder row (null: 1); e.g. 0.1 with a free decoder."""
     mse_norm: MseNorm = "none"
     """``none``: mean squared error; ``token_norm``: squared error divided by each token's L2
     norm (the PatchSAE code's loss)."""
@@ -139,8 +166,17 @@ class SAEConfig:
                 "set the other one to null",
             )
         _positive("sae", self, "n_latents", "expansion", "ghost_window_steps", "init_sample_tokens")
-        if self.l1_coeff < 0:
-            _fail("sae.l1_coeff", f"must be >= 0, got {self.l1_coeff}", "e.g. 8e-5")
+        _positive("sae", self, "k", "aux_k", "decoder_init_norm")
+        _positive("sae", self, "jumprelu_threshold", "jumprelu_bandwidth")
+        for name in ("l1_coeff", "aux_coeff", "l1_warmup_steps"):
+            if getattr(self, name) < 0:
+                _fail(f"sae.{name}", f"must be >= 0, got {getattr(self, name)}", "e.g. 0")
+        if self.unit_norm_decoder and self.decoder_init_norm not in (None, 1, 1.0):
+            _fail(
+                "sae.decoder_init_norm",
+                f"is {self.decoder_init_norm} but sae.unit_norm_decoder keeps rows at norm 1",
+                "set sae.unit_norm_decoder: false, or decoder_init_norm: null",
+            )
         _check_choices("sae", self)
 
 
@@ -329,6 +365,14 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        if self.sae.architecture != "relu" and self.distributed.strategy == "deepspeed":
+            _fail(
+                "sae.architecture",
+                f"{self.sae.architecture!r} is not available under DeepSpeed yet",
+                "train it with distributed.strategy ddp (or single), or use relu",
+            )
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         out = dataclasses.asdict(self)

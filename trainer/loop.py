@@ -120,9 +120,11 @@ def train_step(
     sae_cfg: SAEConfig,
     batch_tokens: int,
     x_ND: Tensor,
+    step: int = 0,
 ) -> tuple[kernels.SAEOutput, Tensor]:
-    """One optimiser step on this rank's ``x_ND``; ``batch_tokens`` counts all ranks' tokens.
-    Returns the SAE output and whether the step was skipped (a device bool).
+    """One optimiser step (number ``step``, from 0) on this rank's ``x_ND``; ``batch_tokens``
+    counts all ranks' tokens. Returns the SAE output and whether the step was skipped (a device
+    bool).
 
     A step whose loss (on any rank) or gradient norm is not finite is skipped: weights and
     Adam state stay as they were, decided on the device. Firing counts are summed over ranks
@@ -130,12 +132,16 @@ def train_step(
     global and equal on every rank; the same all-reduce carries the loss check.
     """
     ghost = stats.ghost_mask(sae_cfg.ghost_window_steps) if sae_cfg.ghost_grads else None
+    warmup = min(1.0, (step + 1) / sae_cfg.l1_warmup_steps) if sae_cfg.l1_warmup_steps else 1.0
     out = engine.forward(
         x_ND,
-        l1_coeff=sae_cfg.l1_coeff,
+        l1_coeff=sae_cfg.l1_coeff * warmup,
         mse_norm=sae_cfg.mse_norm,
         l1_decoder_norm=sae_cfg.l1_decoder_norm,
         ghost_mask_F=ghost,
+        aux_k=sae_cfg.aux_k or max(1, x_ND.shape[-1] // 2),
+        aux_coeff=sae_cfg.aux_coeff,
+        bandwidth=sae_cfg.jumprelu_bandwidth,
     )
     engine.backward(out.loss)
     with torch.no_grad():
@@ -143,6 +149,10 @@ def train_step(
         packed = dist.all_reduce_sum(torch.cat([(out.f_NF > 0).sum(dim=0), bad.reshape(1)]))
         fired_F, skipped = packed[:-1], engine.step(packed[-1] > 0)
         stats.update(fired_F, batch_tokens, keep=~skipped)
+        if sae_cfg.architecture == "batchtopk":  # the smallest kept activation over all ranks
+            f_NF = out.f_NF.detach()
+            smallest = -dist.all_reduce_max(-torch.where(f_NF > 0, f_NF, torch.inf).min())
+            engine.sae.update_threshold(smallest.reshape(1, 1), keep=~skipped)
     return out, skipped
 
 
@@ -225,8 +235,13 @@ class Trainer:
         cfg = self.cfg
         d = self.source.width
         f = cfg.sae.n_latents or (cfg.sae.expansion or 0) * d  # exactly one of them is set
+        if cfg.sae.architecture in ("topk", "batchtopk") and cfg.sae.k >= f:
+            raise ConfigError(
+                f"config error at 'sae.k': {cfg.sae.k} active latents of {f} is no sparsity; "
+                "set sae.k well below the width (e.g. 32)"
+            )
         torch.manual_seed(cfg.train.seed)
-        self.sae = SparseAutoencoder(d, f).to(self.dist.device)
+        self.sae = SparseAutoencoder.from_config(d, f, cfg.sae).to(self.dist.device)
         self.stats = LatentStats(f, cfg.train.dead_window_tokens, self.dist.device)
         self.sums = MetricSums(d, self.dist.device)
         # Non-finite steps skipped: [in all, in a row now], on the device (read at log steps).
@@ -465,7 +480,13 @@ class Trainer:
 
     def train_step(self, x_ND: Tensor) -> None:
         out, skipped = train_step(
-            self.engine, self.stats, self.dist, self.cfg.sae, self.plan.batch_tokens, x_ND
+            self.engine,
+            self.stats,
+            self.dist,
+            self.cfg.sae,
+            self.plan.batch_tokens,
+            x_ND,
+            step=self.step,
         )
         with torch.no_grad():
             x = x_ND.to(self.sae.W_enc.dtype) * self.sae.input_scale

@@ -2,8 +2,11 @@
 
 Shape legend: N tokens, D model width, F latents.
 
-    f_NF     = relu((x_ND - b_dec_D) @ W_enc_DF + b_enc_F)
+    f_NF     = act((x_ND - b_dec_D) @ W_enc_DF + b_enc_F)
     x_hat_ND = f_NF @ W_dec_FD + b_dec_D
+
+``act`` is the architecture's (``relu``, ``topk``, ``batchtopk``, ``jumprelu``; see
+``kernels.reference``).
 
 The math lives in ``kernels`` (one entry point that dispatches); this module holds no
 parallelism.
@@ -63,31 +66,83 @@ def tangent_grad(W_FD: Tensor) -> Tensor:
     return _TangentGrad.apply(W_FD)
 
 
+THRESHOLD_MOMENTUM = 0.01
+"""batchtopk: weight of each step's smallest kept activation in the running inference threshold."""
+
+
 class SparseAutoencoder(nn.Module):
-    """ReLU SAE with untied weights and unit-norm decoder rows."""
+    """The SAE: by default the paper's, ReLU with untied weights and unit-norm decoder rows.
+
+    Args:
+        architecture: ``relu``, ``topk``, ``batchtopk`` or ``jumprelu``.
+        k: Active latents per token (topk), on average (batchtopk).
+        unit_norm_decoder: Keep decoder rows at unit norm (projected gradients, renormalised
+            after each step). False leaves the decoder free (then weight the L1 term by the row
+            norms, the SAELens ``standard`` form).
+        tied_init: Initialise ``W_enc`` as ``W_dec`` transposed.
+        decoder_init_norm: Initial norm of the decoder rows (1 when they are kept at unit norm).
+        threshold: jumprelu: the initial threshold of every latent (learned as its log).
+    """
 
     input_scale: Tensor
+    threshold: Tensor  # batchtopk only
 
-    def __init__(self, d_in: int, n_latents: int) -> None:
+    def __init__(
+        self,
+        d_in: int,
+        n_latents: int,
+        *,
+        architecture: str = "relu",
+        k: int = 0,
+        unit_norm_decoder: bool = True,
+        tied_init: bool = False,
+        decoder_init_norm: float = 1.0,
+        threshold: float = 1e-3,
+    ) -> None:
         super().__init__()
         self.d_in, self.n_latents = d_in, n_latents
+        self.architecture, self.k = architecture, k
+        self.unit_norm_decoder, self.tied_init = unit_norm_decoder, tied_init
+        self.decoder_init_norm = decoder_init_norm
         self.W_enc = nn.Parameter(torch.empty(d_in, n_latents))
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if architecture == "jumprelu":
+            self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(threshold)))
+        if architecture == "batchtopk":  # the inference threshold, estimated in training
+            self.register_buffer("threshold", torch.zeros(()))
         # Multiplies inputs before the SAE sees them; folded into the weights on export.
         self.register_buffer("input_scale", torch.ones(()))
         self.reset_parameters()
 
+    @classmethod
+    def from_config(cls, d_in: int, n_latents: int, cfg: Any) -> SparseAutoencoder:
+        """The SAE a ``SAEConfig`` describes."""
+        return cls(
+            d_in,
+            n_latents,
+            architecture=cfg.architecture,
+            k=cfg.k,
+            unit_norm_decoder=cfg.unit_norm_decoder,
+            tied_init=cfg.tied_init,
+            decoder_init_norm=cfg.decoder_init_norm or 1.0,
+            threshold=cfg.jumprelu_threshold,
+        )
+
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Untied Kaiming-uniform init, ``b_enc = 0``, decoder rows at unit norm."""
+        """Kaiming-uniform init (``W_enc = W_dec^T`` when tied), ``b_enc = 0``, decoder rows at
+        ``decoder_init_norm``."""
         # kaiming_uniform_ takes fan_in from dim 1; W_enc is [D, F] so init its transpose.
         nn.init.kaiming_uniform_(self.W_enc.T, a=math.sqrt(5))
         nn.init.kaiming_uniform_(self.W_dec.T, a=math.sqrt(5))
         self.b_enc.zero_()
         self.b_dec.zero_()
-        self.normalize_decoder()
+        norm = self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        self.W_dec.div_(norm / self.decoder_init_norm)  # exactly unit rows for norm 1
+        if self.tied_init:
+            self.W_enc.copy_(self.W_dec.T)
 
     @torch.no_grad()
     def init_from_sample(self, x_ND: Tensor, b_dec: str, scale_inputs: bool) -> None:
@@ -114,24 +169,47 @@ class SparseAutoencoder(nn.Module):
         mse_norm: str = "none",
         l1_decoder_norm: bool = False,
         ghost_mask_F: Tensor | None = None,
+        **options: Any,
     ) -> SAEOutput:
+        """The loss on ``x_ND`` (``kernels.sae_loss``); ``options``: ``aux_k``, ``aux_coeff``,
+        ``bandwidth``."""
         x_ND = x_ND.to(self.W_enc.dtype) * self.input_scale
+        if self.architecture == "jumprelu":
+            options["threshold_F"] = self.log_threshold.exp()
         return kernels.sae_loss(
             x_ND,
             self.W_enc,
             self.b_enc,
-            tangent_grad(self.W_dec),
+            tangent_grad(self.W_dec) if self.unit_norm_decoder else self.W_dec,
             self.b_dec,
             l1_coeff=l1_coeff,
             mse_norm=mse_norm,
             l1_decoder_norm=l1_decoder_norm,
             ghost_mask_F=ghost_mask_F,
+            architecture=self.architecture,
+            k=self.k,
+            **options,
         )
 
     @torch.no_grad()
+    def update_threshold(self, f_NF: Tensor, keep: Tensor | None = None) -> None:
+        """batchtopk: move the inference threshold towards the smallest activation the batch
+        kept (a running mean, on the device); ``keep`` false: leave it (a skipped step)."""
+        if self.architecture != "batchtopk":
+            return
+        kept = torch.where(f_NF > 0, f_NF, torch.inf).min().to(self.threshold.dtype)
+        fresh = torch.where(self.threshold > 0, self.threshold, kept)
+        new = (1 - THRESHOLD_MOMENTUM) * fresh + THRESHOLD_MOMENTUM * kept
+        ok = torch.isfinite(kept) if keep is None else torch.isfinite(kept) & keep
+        self.threshold.copy_(torch.where(ok, new, self.threshold))
+
+    @torch.no_grad()
     def normalize_decoder(self, keep: Tensor | None = None) -> None:
-        """Rescale each decoder row to unit L2 norm (after every optimiser step). ``keep``, a
-        device bool, false: leave the rows exactly as they are (a skipped step), with no sync."""
+        """Rescale each decoder row to unit L2 norm (after every optimiser step; nothing when
+        the decoder is unconstrained). ``keep``, a device bool, false: leave the rows exactly as
+        they are (a skipped step), with no sync."""
+        if not self.unit_norm_decoder:
+            return
         norm = self.W_dec.norm(dim=-1, keepdim=True).clamp_min(1e-8)
         if keep is not None:
             norm = torch.where(keep, norm, 1.0)
@@ -141,24 +219,36 @@ class SparseAutoencoder(nn.Module):
     def export_tensors(self) -> dict[str, Tensor]:
         """Weights that act on unscaled inputs, for ``sae.safetensors``.
 
-        Training sees ``s * x``. Since ReLU is positively homogeneous, dividing the code by ``s``
-        gives an SAE on raw ``x`` with the same decoder rows (still unit norm):
-        ``W_enc, b_enc / s, W_dec, b_dec / s``; its latents are the trained ones divided by s.
+        Training sees ``s * x``. Since every architecture is positively homogeneous (a threshold
+        scales with the input, a top-k selection does not change), dividing the code by ``s``
+        gives an SAE on raw ``x`` with the same decoder rows: ``W_enc, b_enc / s, W_dec,
+        b_dec / s`` and ``threshold / s``; its latents are the trained ones divided by s.
+        jumprelu and batchtopk export ``threshold [F]``: at inference both are
+        ``pre * (pre > threshold)``. topk's ``k`` is in ``cfg.json``.
         """
         s = self.input_scale.float()
-        return {
+        out = {
             "W_enc": self.W_enc.detach().float().contiguous(),
             "b_enc": (self.b_enc / s).detach().float().contiguous(),
             "W_dec": self.W_dec.detach().float().contiguous(),
             "b_dec": (self.b_dec / s).detach().float().contiguous(),
         }
+        if self.architecture == "jumprelu":
+            out["threshold"] = (self.log_threshold.exp() / s).detach().float().contiguous()
+        if self.architecture == "batchtopk":
+            out["threshold"] = (self.threshold / s).float().expand(self.n_latents).contiguous()
+        return out
 
     @classmethod
-    def from_exported(cls, tensors: dict[str, Tensor]) -> SparseAutoencoder:
-        """Rebuild an SAE (input scale 1) from ``export_tensors`` output."""
+    def from_exported(cls, tensors: dict[str, Tensor], k: int = 0) -> SparseAutoencoder:
+        """Rebuild an SAE (input scale 1) from ``export_tensors`` output: with a ``threshold``
+        a jumprelu SAE, else relu, or topk given ``k``."""
         d_in, n_latents = tensors["W_enc"].shape
-        sae = cls(d_in, n_latents)
+        architecture = "jumprelu" if "threshold" in tensors else "topk" if k else "relu"
+        sae = cls(d_in, n_latents, architecture=architecture, k=k, unit_norm_decoder=False)
         with torch.no_grad():
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(tensors[name])
+            if "threshold" in tensors:
+                sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
         return sae

@@ -4,7 +4,9 @@ SAELens reads ``cfg.json`` and ``sae_weights.safetensors``. Its ``standard`` arc
 SAE: ``f = relu((x - b_dec) @ W_enc + b_enc)``, ``x_hat = f @ W_dec + b_dec``, with the same tensor
 names and shapes (``W_enc [D, F]``, ``b_enc [F]``, ``W_dec [F, D]``, ``b_dec [D]``). So the
 weights file is a hard link to ``sae.safetensors``, and SAELens's fields sit beside ours in the
-one ``cfg.json``: it keeps only the dataclass fields it knows and ignores the rest.
+one ``cfg.json``: it keeps only the dataclass fields it knows and ignores the rest. The other
+architectures map to SAELens's ``topk`` (with ``k``) and ``jumprelu`` (``threshold [F]``;
+batchtopk is exported in that inference form).
 """
 
 from __future__ import annotations
@@ -20,12 +22,22 @@ WEIGHTS = "sae_weights.safetensors"
 # The cfg.json format these fields follow. SAELens takes a config without a version (or older
 # than 6.0) through a legacy path that ignores the nested ``metadata``.
 FORMAT_VERSION = "6.54.12"
+SAELENS_ARCHITECTURES = {
+    "relu": "standard",
+    "topk": "topk",
+    "batchtopk": "jumprelu",
+    "jumprelu": "jumprelu",
+}
 
 
 def saelens_fields(cfg_json: dict[str, Any]) -> dict[str, Any]:
     """The ``cfg.json`` fields SAELens reads, from our own (``Trainer.cfg_json``)."""
+    sae = cfg_json.get("config", {}).get("sae", {})
+    ours = sae.get("architecture", "relu")
+    extra = {"k": sae["k"]} if ours == "topk" else {}
     return {
-        "architecture": "standard",
+        "architecture": SAELENS_ARCHITECTURES[ours],
+        **extra,
         "d_in": cfg_json["d_in"],
         "d_sae": cfg_json["n_latents"],
         "dtype": "float32",
@@ -56,13 +68,15 @@ def with_saelens_fields(cfg_json: dict[str, Any]) -> dict[str, Any]:
     return {**cfg_json, **fields}
 
 
-def _check_tensors(tensors: dict[str, Tensor], d_in: int, d_sae: int) -> None:
+def _check_tensors(tensors: dict[str, Tensor], d_in: int, d_sae: int, architecture: str) -> None:
     want = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if architecture == "jumprelu":
+        want["threshold"] = (d_sae,)
     got = {k: tuple(t.shape) for k, t in tensors.items()}
     if got != want or any(t.dtype != float32 for t in tensors.values()):
         dtypes = sorted({str(t.dtype) for t in tensors.values()})
         raise ValueError(
-            f"SAELens's standard SAE needs float32 tensors {want}; the export has {got} "
+            f"SAELens's {architecture} SAE needs float32 tensors {want}; the export has {got} "
             f"({', '.join(dtypes)}); export with SparseAutoencoder.export_tensors()"
         )
 
@@ -92,6 +106,6 @@ def add_saelens_files(
     and return ``cfg_json`` with SAELens's fields, for the caller to write as ``cfg.json`` (last,
     so a folder whose cfg.json names SAELens already has its weights)."""
     merged = with_saelens_fields(cfg_json)
-    _check_tensors(tensors, merged["d_in"], merged["d_sae"])
+    _check_tensors(tensors, merged["d_in"], merged["d_sae"], merged["architecture"])
     link_weights(directory)
     return merged
