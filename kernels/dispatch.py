@@ -138,6 +138,7 @@ def sae_loss(
     choice = _choice()
     tensors = (x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D)
     stats.steps += 1
+    ghost_index_G = options.pop("ghost_index_G", None)  # the Triton path takes the mask alone
     if choice == "triton" or (choice == "auto" and x_ND.is_cuda and _triton_importable()):
         kernel_path()  # a clear error when the Triton path cannot run here
         reason = _unsupported(tensors)
@@ -169,6 +170,7 @@ def sae_loss(
         l1_decoder_norm=l1_decoder_norm,
         ghost_mask_F=ghost_mask_F,
         architecture=architecture,
+        ghost_index_G=ghost_index_G,
         **options,
     )
 

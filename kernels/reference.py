@@ -171,6 +171,7 @@ def sae_loss(
     bandwidth: float = 1e-3,
     aux_k: int = 0,
     aux_coeff: float = 0.0,
+    ghost_index_G: Tensor | None = None,
 ) -> SAEOutput:
     """The SAE forward pass and its training loss.
 
@@ -183,6 +184,9 @@ def sae_loss(
       term is exactly 0. relu: ghost gradients: their ``exp(pre)`` decodes the (detached)
       residual, scaled to half its norm, and the term is rescaled to the size of the MSE.
       topk, batchtopk: ``aux_coeff`` times AuxK (:func:`auxk_loss`). jumprelu: 0.
+    - ``ghost_index_G``: relu: latents known to include every masked one (the trainer's
+      candidates for a log interval); the ghost term is computed on those columns only, which
+      gives the same value and gradients at a fraction of the cost.
     """
     pre_NF, f_NF, x_hat_ND = sae_forward(
         x_ND,
@@ -214,6 +218,9 @@ def sae_loss(
     if ghost_mask_F is None or architecture == "jumprelu":
         aux = zero
     elif architecture == "relu":
+        if ghost_index_G is not None:  # the columns that can be masked: the same term
+            pre_NF, W_dec_FD = pre_NF[:, ghost_index_G], W_dec_FD[ghost_index_G]
+            ghost_mask_F = ghost_mask_F[ghost_index_G]
         aux = ghost_loss(x_ND, x_hat_ND, pre_NF, W_dec_FD, ghost_mask_F, err_ND, mse_norm)
     else:
         aux = aux_coeff * auxk_loss(x_ND, x_hat_ND, pre_NF, W_dec_FD, ghost_mask_F, aux_k)

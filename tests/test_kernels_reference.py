@@ -88,6 +88,27 @@ def test_ghost_term_is_zero_without_silent_latents():
     assert out.loss.item() == pytest.approx(out.mse.item())
 
 
+def test_ghost_term_on_candidate_columns_equals_the_full_term():
+    """The trainer passes the latents that can be silent in a log interval; the ghost term on
+    those columns has the value and the gradients of the term over all latents."""
+    torch.manual_seed(2)
+    n, d, f = 41, 13, 57
+    x = torch.randn(n, d)
+    params = [torch.randn(d, f), torch.randn(f), torch.randn(f, d), torch.randn(d)]
+    params = [p.requires_grad_() for p in params]
+    mask = torch.zeros(f, dtype=torch.bool)
+    mask[[3, 8, 40]] = True
+    candidates = torch.tensor([1, 3, 8, 22, 40, 56])  # a superset of the mask
+    full = sae_loss(x, *params, l1_coeff=1e-3, ghost_mask_F=mask)
+    part = sae_loss(x, *params, l1_coeff=1e-3, ghost_mask_F=mask, ghost_index_G=candidates)
+    torch.testing.assert_close(part.aux, full.aux)
+    torch.testing.assert_close(part.loss, full.loss)
+    for g_full, g_part in zip(
+        torch.autograd.grad(full.loss, params), torch.autograd.grad(part.loss, params), strict=True
+    ):
+        torch.testing.assert_close(g_part, g_full)
+
+
 def test_dispatch_names_the_path_and_refuses_unknown_kernels(monkeypatch):
     monkeypatch.setenv("PATCHSAE_KERNELS", "eager")
     assert kernel_path() == "eager"

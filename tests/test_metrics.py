@@ -66,3 +66,19 @@ def test_dead_dense_and_ghost_windows():
     restored.load_state_dict(stats.state_dict())
     assert torch.equal(restored.density(), stats.density())
     assert torch.equal(restored.tokens_since_fired_F, stats.tokens_since_fired_F)
+
+
+def test_ghost_candidates_hold_every_latent_the_mask_takes_until_the_next_refresh():
+    """Refreshed every ``horizon`` steps, the candidates include each latent that the ghost mask
+    holds at any step of the interval, whatever fires meanwhile."""
+    torch.manual_seed(3)
+    stats, window, horizon = LatentStats(200, 10_000, "cpu"), 6, 4
+    candidates = torch.empty(0, dtype=torch.long)
+    for step in range(60):
+        if step % horizon == 0:
+            candidates = stats.ghost_candidates(window, horizon)
+        masked = torch.nonzero(stats.ghost_mask(window)).flatten()
+        assert set(masked.tolist()) <= set(candidates.tolist()), step
+        fired = (torch.rand(200) < 0.05).long() * 3
+        stats.update(fired, 64)
+    assert 0 < len(candidates) < 200

@@ -16,12 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from patchsae.analysis.stats import encode
 from patchsae.data.activations import ActivationSource, load_visual
 from patchsae.data.shards import ImageShards, expand_urls
 from patchsae.kernels.reference import sae_forward
 from patchsae.trainer import saelens
 from patchsae.trainer.checkpoint import write_export
-from patchsae.trainer.config import Config, ModelConfig, check_model
+from patchsae.trainer.config import Config, ModelConfig, SAEConfig, check_model
 from patchsae.trainer.loop import Trainer
 from patchsae.trainer.sae import SparseAutoencoder
 from safetensors import safe_open
@@ -71,9 +72,11 @@ def trained_sae(x_ND: torch.Tensor, n_latents: int) -> SparseAutoencoder:
     return sae
 
 
-def cfg_json_of(sae: SparseAutoencoder, model: ModelConfig, step: int) -> dict:
+def cfg_json_of(
+    sae: SparseAutoencoder, model: ModelConfig, step: int, sae_cfg: SAEConfig | None = None
+) -> dict:
     """``Trainer.cfg_json`` itself, on the attributes it reads, so the fields stay the real ones."""
-    cfg = Config(model=model)
+    cfg = Config(model=model, sae=sae_cfg or SAEConfig())
     trainer = SimpleNamespace(
         cfg=cfg,
         sae=sae,
@@ -203,3 +206,51 @@ def test_a_field_that_means_something_else_to_saelens_is_refused():
     assert saelens.with_saelens_fields(cfg_json)["d_sae"] == 300
     with pytest.raises(ValueError, match=r"\['dtype'\] mean something else to SAELens"):
         saelens.with_saelens_fields({**cfg_json, "dtype": "bfloat16"})
+
+
+@pytest.mark.parametrize(
+    ("arch", "saelens_class"),
+    [("topk", "TopKSAE"), ("jumprelu", "JumpReLUSAE"), ("batchtopk", "JumpReLUSAE")],
+)
+def test_saelens_loads_the_other_architectures(saelens_python, tmp_path, arch, saelens_class):
+    """topk loads as SAELens's TopK SAE with our k, jumprelu (and batchtopk, in its inference
+    form) as its JumpReLU SAE with our thresholds; both encode and decode as we do."""
+    torch.manual_seed(99)
+    x_ND = 3.0 * torch.randn(211, 40) + torch.randn(40)
+    sae = SparseAutoencoder(40, 333, architecture=arch, k=7, threshold=0.5)
+    sae.init_from_sample(x_ND, "geometric_median", scale_inputs=True)
+    with torch.no_grad():
+        sae.b_enc.normal_(-0.05, 0.2)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.5)
+        if arch == "jumprelu":
+            sae.log_threshold.copy_(torch.rand(333).mul(0.8).add(0.1).log())
+    model = ModelConfig(name=MODEL, layer=-2)
+    cfg_json = cfg_json_of(sae, model, step=3, sae_cfg=SAEConfig(architecture=arch, k=7))
+    folder = tmp_path / arch
+    write_export(folder, sae.export_tensors(), cfg_json)
+    tensors = load_file(folder / "sae.safetensors")
+    if arch == "topk":
+        tensors["k"] = torch.tensor(7)
+    f_NF = encode(x_ND, tensors)
+    x_hat_ND = f_NF @ tensors["W_dec"] + tensors["b_dec"]
+    if arch != "batchtopk":  # the export computes what training computed, on raw inputs
+        trained = sae(x_ND, l1_coeff=0.0).f_NF.detach().double() / sae.input_scale.double()
+        assert_float32_close(f_NF, trained, arch)
+    assert 0 < (f_NF > 0).double().mean() < 0.5
+    save_file({"x": x_ND.contiguous(), "f": f_NF.contiguous()}, tmp_path / "in.safetensors")
+    job = {
+        "folder": str(folder),
+        "inputs": str(tmp_path / "in.safetensors"),
+        "out": str(tmp_path / "out.safetensors"),
+    }
+    run_loader(saelens_python, [job], tmp_path)
+
+    out = load_file(job["out"])
+    with safe_open(job["out"], "pt") as fh:
+        info = json.loads(fh.metadata()["info"])
+    assert info["class"] == saelens_class, info
+    if arch == "topk":
+        assert info["cfg"]["k"] == 7
+    assert_float32_close(out["f"], f_NF.double(), (arch, "f, SAELens"))
+    assert_float32_close(out["x_hat"], x_hat_ND.double(), (arch, "x_hat, SAELens"))

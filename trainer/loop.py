@@ -121,10 +121,12 @@ def train_step(
     batch_tokens: int,
     x_ND: Tensor,
     step: int = 0,
+    ghost_index: Tensor | None = None,
 ) -> tuple[kernels.SAEOutput, Tensor]:
     """One optimiser step (number ``step``, from 0) on this rank's ``x_ND``; ``batch_tokens``
     counts all ranks' tokens. Returns the SAE output and whether the step was skipped (a device
-    bool).
+    bool). ``ghost_index``: ``LatentStats.ghost_candidates`` for this step; with none, no ghost
+    (or AuxK) term is computed at all.
 
     A step whose loss (on any rank) or gradient norm is not finite is skipped: weights and
     Adam state stay as they were, decided on the device. Firing counts are summed over ranks
@@ -132,6 +134,9 @@ def train_step(
     global and equal on every rank; the same all-reduce carries the loss check.
     """
     ghost = stats.ghost_mask(sae_cfg.ghost_window_steps) if sae_cfg.ghost_grads else None
+    if ghost_index is not None and len(ghost_index) == 0:
+        ghost = None  # no latent can be silent this interval: the term is 0, skip its cost
+    index = {"ghost_index_G": ghost_index} if ghost is not None and ghost_index is not None else {}
     warmup = min(1.0, (step + 1) / sae_cfg.l1_warmup_steps) if sae_cfg.l1_warmup_steps else 1.0
     out = engine.forward(
         x_ND,
@@ -142,6 +147,7 @@ def train_step(
         aux_k=sae_cfg.aux_k or max(1, x_ND.shape[-1] // 2),
         aux_coeff=sae_cfg.aux_coeff,
         bandwidth=sae_cfg.jumprelu_bandwidth,
+        **(index if sae_cfg.architecture == "relu" else {}),
     )
     engine.backward(out.loss)
     with torch.no_grad():
@@ -247,6 +253,7 @@ class Trainer:
         # Non-finite steps skipped: [in all, in a row now], on the device (read at log steps).
         self.skips = torch.zeros(2, dtype=torch.int64, device=self.dist.device)
         self.step = 0
+        self.ghost_index: Tensor | None = None  # see train_step
         self.run_id: str | None = None
         if self.ckpt_path is None:
             self._init_from_data()
@@ -479,6 +486,11 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------
 
     def train_step(self, x_ND: Tensor) -> None:
+        sae, every = self.cfg.sae, self.cfg.train.log_every
+        if sae.ghost_grads and (self.ghost_index is None or self.step % every == 0):
+            # Refreshed at log steps (a host sync there already): the latents that can fall
+            # silent before the next one.
+            self.ghost_index = self.stats.ghost_candidates(sae.ghost_window_steps, every)
         out, skipped = train_step(
             self.engine,
             self.stats,
@@ -487,6 +499,7 @@ class Trainer:
             self.plan.batch_tokens,
             x_ND,
             step=self.step,
+            ghost_index=self.ghost_index,
         )
         with torch.no_grad():
             x = x_ND.to(self.sae.W_enc.dtype) * self.sae.input_scale

@@ -58,6 +58,11 @@ class LatentStats:
         """Latents that have not fired for more than ``window_steps`` steps."""
         return self.steps_since_fired_F > window_steps
 
+    def ghost_candidates(self, window_steps: int, horizon: int) -> Tensor:
+        """The latents that ``ghost_mask(window_steps)`` can hold within the next ``horizon``
+        steps (a silence counter grows by at most 1 a step), as indices; one host sync."""
+        return torch.nonzero(self.steps_since_fired_F > window_steps - horizon).flatten()
+
     def dead_frac(self) -> Tensor:
         """Fraction of latents silent over the last ``window_tokens`` tokens (0 until that many
         tokens have been seen)."""
