@@ -136,7 +136,8 @@ def train_step(
     ghost = stats.ghost_mask(sae_cfg.ghost_window_steps) if sae_cfg.ghost_grads else None
     if ghost_index is not None and len(ghost_index) == 0:
         ghost = None  # no latent can be silent this interval: the term is 0, skip its cost
-    index = {"ghost_index_G": ghost_index} if ghost is not None and ghost_index is not None else {}
+    # relu's ghost term runs on the candidate columns only (AuxK takes the whole mask).
+    relu_ghost = ghost is not None and ghost_index is not None and sae_cfg.architecture == "relu"
     warmup = min(1.0, (step + 1) / sae_cfg.l1_warmup_steps) if sae_cfg.l1_warmup_steps else 1.0
     out = engine.forward(
         x_ND,
@@ -147,7 +148,7 @@ def train_step(
         aux_k=sae_cfg.aux_k or max(1, x_ND.shape[-1] // 2),
         aux_coeff=sae_cfg.aux_coeff,
         bandwidth=sae_cfg.jumprelu_bandwidth,
-        **(index if sae_cfg.architecture == "relu" else {}),
+        **({"ghost_index_G": ghost_index} if relu_ghost else {}),
     )
     engine.backward(out.loss)
     with torch.no_grad():
