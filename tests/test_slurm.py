@@ -118,7 +118,7 @@ def test_time_limit_warning_requeues(cluster, demo_shards, tmp_path):
     trainers are up (train.sh then sends it again 30 s later). So that a short run is still
     training whenever the warning lands, the test freezes the trainers (SIGSTOP) after a few
     steps until train.sh forwards a USR1; a stopped process keeps the signal pending. Once the
-    job requeues, the test lifts the limit, or the second run would be warned as early."""
+    warning is forwarded, the test lifts the limit, or the second run would be warned as early."""
     total = 40
     out = tmp_path / "run"
     job = cluster.submit(
@@ -144,12 +144,14 @@ def test_time_limit_warning_requeues(cluster, demo_shards, tmp_path):
             70,
             "train.sh to forward the time-limit warning",
         )
+        # The warning has been delivered; lift the limit before the job can requeue, so the
+        # second run is not warned as early (lifting it after the requeue races the restart).
+        cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
     finally:
         for pid in trainers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     job.wait_for(lambda: "requeueing" in job.text(), 60, "the job to requeue")
-    cluster.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=10")
     log = job.finish()
     assert_resumed_once(log, total)
     assert_trained_once(out, total)
