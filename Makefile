@@ -16,7 +16,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := true
 
-.PHONY: install train test lint typecheck format ui bench clean
+.PHONY: install train test test-slow test-all lint typecheck format ui bench clean
 
 install: $(STAMP)
 
@@ -82,8 +82,18 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+PYTEST := TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=15
+
+# The inner loop: everything but the tests marked slow (the demo recipe end to end, the Slurm
+# jobs, ZeRO offload and resume, ...). `make test-slow` runs those; CI runs both.
 test: $(STAMP) lint
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(PYTEST) -m slow $(PYTEST_ARGS)
+
+test-all: $(STAMP) lint
+	$(PYTEST) $(PYTEST_ARGS)
 
 ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(or $(RUN_DIR),runs/demo)/mlflow.db --host 127.0.0.1 --port $(or $(PORT),5000)

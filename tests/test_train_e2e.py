@@ -39,6 +39,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip, demo_adapted_clip):
     """The README's demo, as `make train` runs it: 2,000 generated images, the demo CLIP, the
     full recipe."""

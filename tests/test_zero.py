@@ -101,6 +101,7 @@ def test_zero_reproduces_single_process(tmp_path, single, ddp, stage, persist):
             assert rank_memory["params"] == whole["params"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-adam", "deepspeed-cpu-adam"])
 def test_zero_with_optimizer_offload_on_one_rank_matches_single_process(tmp_path, single, fused):
     """One process under DeepSpeed (it sets up its own process group) with the optimiser state
@@ -200,6 +201,7 @@ def test_deepspeed_config_is_generated_from_ours_and_merged_with_the_override(tm
 ZERO3 = {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3}
 
 
+@pytest.mark.slow
 def test_zero3_resumes_exactly_and_exports_the_whole_sae(tmp_path, demo_shards):
     """Through the CLI on 2 ranks: a ZeRO-3 checkpoint resumes to the same run, and the export
     is gathered into the layout (and, within tolerance, the weights) of a DDP run on the same
