@@ -53,6 +53,14 @@ class TokenStream:
         """Seconds spent producing tokens (reading, decoding, CLIP forward); the trainer turns
         it into ``perf/data_wait_frac``."""
 
+    @property
+    def width(self) -> int:
+        return self.source.width
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.source.tokens_per_image
+
     def _epochs(self) -> Generator[dict, None, None]:
         while True:
             position = self._resume or {}

@@ -14,6 +14,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message already names the problem and the fix: printed without a trace."""
     from patchsae.analysis.model import AnalysisError
     from patchsae.data.activations import ModelError
+    from patchsae.data.cache import CacheError
     from patchsae.data.shards import ShardError
     from patchsae.trainer.checkpoint import CheckpointError, DiskFullError
     from patchsae.trainer.config import ConfigError
@@ -22,6 +23,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         AnalysisError,
+        CacheError,
         ConfigError,
         ModelError,
         ShardError,
@@ -49,6 +51,25 @@ def _train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)  # validated before any data is read
     summary = train(cfg, resume=args.resume)
     return 0 if summary["step"] > 0 else 1
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from patchsae.data.cache_writer import CacheOptions, build_cache
+    from patchsae.trainer.config import load_config
+
+    _log_progress()
+    cfg = load_config(args.config, args.set)
+    options = CacheOptions(
+        out=args.out,
+        dtype=args.dtype,
+        shard_images=args.shard_images,
+        device=args.device,
+        max_batches=args.max_batches,
+    )
+    out = build_cache(cfg, options)
+    if out is not None:
+        print(f"activation cache written to {out}")
+    return 0
 
 
 def _make_demo_data(args: argparse.Namespace) -> int:
@@ -270,6 +291,26 @@ def _add_train(sub: Any) -> None:
     p.set_defaults(func=_train)
 
 
+def _add_cache(sub: Any) -> None:
+    p = sub.add_parser(
+        "cache",
+        help="write the hooked CLIP activations of a recipe's shards to disk, once",
+        description="One pass of the recipe's data.urls through its model (model.name, "
+        "pretrained, layer, tokens), written as memory-mappable .npy shards with cache.json and "
+        "each image's key; train from it with --set data.source=cache --set data.cache=OUT. "
+        "Under torchrun each rank writes its share of the shards. An interrupted pass resumes "
+        "when the same command runs again.",
+    )
+    p.add_argument("--config", required=True, help="YAML recipe (its model and data sections)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--out", required=True, help="the cache folder (new, or an unfinished cache)")
+    p.add_argument("--dtype", default="float16", choices=("float16", "bfloat16", "float32"))
+    p.add_argument("--shard-images", type=int, default=1024, help="images per cache shard")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--max-batches", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=_cache)
+
+
 def _add_make_demo_data(sub: Any) -> None:
     p = sub.add_parser("make-demo-data", help="write the demo's WebDataset image shards")
     p.add_argument("--out", required=True, help="output folder")
@@ -489,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="patchsae", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_cache(sub)
     _add_make_demo_data(sub)
     _add_make_demo_clip(sub)
     _add_analyze(sub)

@@ -29,6 +29,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Strategy = Literal["auto", "single", "ddp", "deepspeed"]
 Backend = Literal["auto", "nccl", "gloo"]
 ZeroStage = Literal[1, 2, 3]
+DataSource = Literal["shards", "cache"]
 
 
 class ConfigError(ValueError):
@@ -95,6 +96,14 @@ class DataConfig:
     max_bad_fraction: float = 0.5
     """Stop with an error when more than this fraction of the samples a rank has read (from its
     200th on) could not be used: undecodable, incomplete, or lost in a broken shard."""
+    source: DataSource = "shards"
+    """Where the tokens come from: ``shards`` (the images in ``urls`` through the CLIP) or
+    ``cache`` (the activations in ``cache``; no CLIP runs)."""
+    cache: str | None = None
+    """With ``source: cache``: a folder written by ``patchsae cache`` (checked against the
+    model section), or an ``[N, D]`` float array in a ``.npy`` or ``.safetensors`` file (read
+    in blocks of 256 rows; nothing to check it against). ``shuffle_shards`` shuffles its
+    shards and ``shuffle_buffer`` > 0 the images within each shard, every epoch."""
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -106,6 +115,8 @@ class DataConfig:
         _positive("data", self, "images_per_batch", "mix_buffer_tokens")
         if not 0 < self.max_bad_fraction <= 1:
             _fail("data.max_bad_fraction", "must be in (0, 1]", "e.g. 0.5")
+        if self.source == "cache" and not self.cache:
+            _fail("data.cache", "is not set but data.source is cache", "set the cache folder")
 
 
 @dataclass(frozen=True)
@@ -511,7 +522,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raw[section] = {}
         raw[section][key] = value
     cfg = _build(raw)
-    check_model(cfg.model)
+    # Training from a cache runs no CLIP (unless the zero-shot evaluation needs one).
+    check_model(cfg.model, weights=cfg.data.source == "shards" or cfg.eval.every > 0)
     return cfg
 
 
@@ -520,9 +532,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(raw)
 
 
-def check_model(model: ModelConfig) -> int:
-    """Validate the model name and hook layer against open_clip's registry; returns the
-    non-negative block index."""
+def check_model(model: ModelConfig, weights: bool = True) -> int:
+    """Validate the model name and hook layer against open_clip's registry (and, with
+    ``weights``, that ``model.pretrained`` exists); returns the non-negative block index."""
     # open_clip is heavy: imported here, not when the config module loads.
     from patchsae.data.activations import ModelError, check_weights, model_depth
 
@@ -538,7 +550,8 @@ def check_model(model: ModelConfig) -> int:
             f"use {-depth}..{depth - 1}",
         )
     try:
-        check_weights(model.name, model.pretrained)
+        if weights:
+            check_weights(model.name, model.pretrained)
     except ModelError as err:
         raise ConfigError(f"config error at 'model': {err}") from err
     return model.layer % depth

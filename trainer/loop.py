@@ -20,6 +20,8 @@ import torch
 import yaml
 from patchsae import kernels
 from patchsae.data.activations import ActivationSource, load_visual
+from patchsae.data.cache import ActivationCache, CachedStream
+from patchsae.data.cache import identity as cache_identity
 from patchsae.data.mixer import TokenMixer
 from patchsae.data.shards import ImageShards, expand_urls
 from patchsae.data.stream import TokenStream
@@ -189,13 +191,15 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = Path(cfg.train.out_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.layer = check_model(cfg.model)
+        self.layer = check_model(
+            cfg.model, weights=cfg.data.source == "shards" or cfg.eval.every > 0
+        )
         self.kernel_path = kernels.kernel_path()
         self.ckpt_path = self._find_resume(resume)
         if self.ckpt_path is not None:
             self._check_resumable(self.ckpt_path)
-        self.source, self.stream = self._build_stream()
-        self.plan = Plan.make(cfg, self.source.tokens_per_image, self.dist.world_size)
+        self.stream = self._build_stream()
+        self.plan = Plan.make(cfg, self.stream.tokens_per_image, self.dist.world_size)
         self._build_sae()
         self.engine = self._build_engine()
         if self.ckpt_path is not None:
@@ -205,9 +209,13 @@ class Trainer:
 
     # -- builders ----------------------------------------------------------------------------
 
-    def _build_stream(self) -> tuple[ActivationSource, TokenStream]:
-        """The hooked CLIP and the token stream over this rank's share of the shards."""
+    def _build_stream(self) -> TokenStream | CachedStream:
+        """The token stream over this rank's share of the shards (through the hooked CLIP) or
+        of the activation cache."""
         cfg = self.cfg
+        mixer = TokenMixer(cfg.data.mix_buffer_tokens, seed=cfg.train.seed * 1009 + self.dist.rank)
+        if cfg.data.source == "cache":
+            return self._build_cached_stream(mixer)
         urls = expand_urls(cfg.data.urls)  # fails fast, naming the URLs, when none is readable
         visual, preprocess = load_visual(
             cfg.model.name,
@@ -226,21 +234,46 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        mixer = TokenMixer(cfg.data.mix_buffer_tokens, seed=cfg.train.seed * 1009 + self.dist.rank)
-        stream = TokenStream(
+        return TokenStream(
             shards,
             source,
             mixer,
             num_workers=cfg.data.num_workers,
             max_bad_fraction=cfg.data.max_bad_fraction,
         )
-        return source, stream
+
+    def _build_cached_stream(self, mixer: TokenMixer) -> CachedStream:
+        cfg = self.cfg
+        assert cfg.data.cache is not None  # DataConfig checks it
+        cache = ActivationCache.open(cfg.data.cache)
+        m = cfg.model
+        cache.check(cache_identity(m.name, m.pretrained, self.layer, m.tokens, m.init_seed))
+        if cache.meta is None and not (cfg.train.batch_tokens and cfg.train.total_tokens):
+            raise ConfigError(
+                f"config error at 'train': data.cache {cfg.data.cache} is an array without "
+                "images; set train.batch_tokens and train.total_tokens (not *_images)"
+            )
+        if cache.meta is None:
+            log.warning(
+                "data.cache %s is a bare array: model.* is not checked against it", cache.path
+            )
+        return CachedStream(
+            cache,
+            mixer,
+            units_per_read=cfg.data.images_per_batch,
+            shuffle_shards=cfg.data.shuffle_shards,
+            shuffle_units=cfg.data.shuffle_buffer > 0,
+            seed=cfg.train.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            device=self.dist.device,
+        )
 
     def _build_sae(self) -> None:
         """The SAE (seeded; initialised from the data on a fresh start), its running latent
         statistics and metric sums, and the step counters."""
         cfg = self.cfg
-        d = self.source.width
+        d = self.stream.width
         f = cfg.sae.n_latents or (cfg.sae.expansion or 0) * d  # exactly one of them is set
         if cfg.sae.architecture in ("topk", "batchtopk") and cfg.sae.k >= f:
             raise ConfigError(
@@ -306,7 +339,8 @@ class Trainer:
 
     def _check_resumable(self, path: Path) -> None:
         saved = config_from_dict(checkpoint.read_export(path)[1]["config"])
-        for section, keys in {"model": None, "sae": ("n_latents", "expansion")}.items():
+        fixed = {"model": None, "sae": ("n_latents", "expansion"), "data": ("source",)}
+        for section, keys in fixed.items():
             old, new = getattr(saved, section), getattr(self.cfg, section)
             for key in keys or old.__dataclass_fields__:
                 if getattr(old, key) != getattr(new, key):
