@@ -263,9 +263,9 @@ def verify(folder: Path, rank: int = 0, world_size: int = 1) -> list[str]:
     return problems
 
 
-def commit(tmp: Path, *, keep: int) -> Path:
+def commit(tmp: Path, *, keep: int | None) -> Path:
     """Rank 0, once every file and the manifest are in ``tmp``: rename the folder into place,
-    point ``latest`` at it and delete older checkpoints beyond ``keep``."""
+    point ``latest`` at it and delete older checkpoints beyond ``keep`` (None: keep all)."""
     final = tmp.with_suffix("")
     if final.exists():  # a re-run of the same step (e.g. after a resume): replace it
         shutil.rmtree(final)
@@ -273,11 +273,19 @@ def commit(tmp: Path, *, keep: int) -> Path:
     root = final.parent
     atomic_write(root / "latest", lambda p: p.write_text(final.name + "\n"), "checkpoints/latest")
     _fsync_dir(root)
-    complete = sorted(p for p in root.glob("step_*") if p.is_dir() and p.suffix == "")
-    for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    if keep is not None:
+        prune(root.parent, keep)
     log.info("checkpoint written: %s", final)
     return final
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Delete the complete checkpoints of ``run_dir`` but the newest ``keep``."""
+    complete = sorted(
+        p for p in (run_dir / CHECKPOINTS).glob("step_*") if p.is_dir() and p.suffix == ""
+    )
+    for old in complete[: max(len(complete) - keep, 0)]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def candidates(folder: Path) -> list[Path]:

@@ -7,7 +7,9 @@ things that need the model's shape, such as the hook layer), before any data is 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -376,6 +378,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    sweep: tuple[dict[str, Any], ...] = ()
+    """SAEs trained together on the same tokens (``trainer.sweep``): each a mapping of
+    ``section.key`` overrides of :data:`SWEEP_KEYS`, and an optional ``name``."""
 
     def __post_init__(self) -> None:
         if self.sae.architecture != "relu" and self.distributed.strategy == "deepspeed":
@@ -384,15 +389,36 @@ class Config:
                 f"{self.sae.architecture!r} is not available under DeepSpeed yet",
                 "train it with distributed.strategy ddp (or single), or use relu",
             )
+        if self.sweep and self.distributed.strategy == "deepspeed":
+            _fail(
+                "sweep",
+                "is not available under DeepSpeed yet",
+                "train a sweep with distributed.strategy ddp (or single)",
+            )
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
+    def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["train"]["betas"] = list(self.train.betas)
+        out["sweep"] = [dict(entry) for entry in self.sweep]
         return out
 
     def flat(self) -> dict[str, Any]:
-        """``{"section.key": value}``, as logged to MLflow params."""
-        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+        """``{"section.key": value}``, as logged to MLflow params (the sweep's members are
+        logged by the sweep)."""
+        sections = {s: sec for s, sec in self.to_dict().items() if s != "sweep"}
+        return {f"{s}.{k}": v for s, sec in sections.items() for k, v in sec.items()}
+
+
+SWEEP_KEYS = (
+    {f"sae.{name}" for name in ("l1_coeff", "n_latents", "expansion", "architecture", "k")}
+    | {"sae.aux_k", "sae.aux_coeff", "sae.jumprelu_threshold", "sae.jumprelu_bandwidth"}
+    | {"sae.l1_warmup_steps", "sae.l1_decoder_norm", "sae.unit_norm_decoder", "sae.tied_init"}
+    | {"sae.decoder_init_norm", "sae.mse_norm", "sae.ghost_grads", "sae.ghost_window_steps"}
+    | {"sae.init_b_dec", "sae.scale_inputs"}
+    | {f"train.{name}" for name in ("lr", "betas", "warmup_steps", "schedule", "min_lr_frac")}
+)
+"""What a sweep's members may set: the SAE and its optimiser. Everything else (the data, the
+batch, the steps, the token sample the SAEs initialise from) is one for all of them."""
 
 
 SECTIONS: dict[str, type] = {
@@ -448,10 +474,13 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
 def _build(raw: dict[str, Any]) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"config error: the recipe must be a mapping of sections, got {raw!r}")
-    sections = {}
+    sections: dict[str, Any] = {}
     for name, values in raw.items():
+        if name == "sweep":
+            sections["sweep"] = _sweep_entries(values)
+            continue
         if name not in SECTIONS:
-            _fail(name, "unknown section", f"valid sections are {sorted(SECTIONS)}")
+            _fail(name, "unknown section", f"valid sections are {sorted(SECTIONS)} and sweep")
         if values is None:
             values = {}
         if not isinstance(values, dict):
@@ -466,6 +495,69 @@ def _build(raw: dict[str, Any]) -> Config:
             kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
         sections[name] = cls(**kwargs)
     return Config(**sections)
+
+
+def _sweep_entries(values: Any) -> tuple[dict[str, Any], ...]:
+    """The ``sweep`` list, its keys checked (their values are checked by ``member_configs``)."""
+    if values is None:
+        return ()
+    if not isinstance(values, list) or not all(isinstance(v, dict) for v in values):
+        _fail("sweep", f"expected a list of mappings, got {values!r}", SWEEP_EXAMPLE)
+    for i, entry in enumerate(values):
+        for key in entry:
+            section, _, name = str(key).partition(".")
+            if key != "name" and name not in getattr(
+                SECTIONS.get(section), "__dataclass_fields__", {}
+            ):
+                _fail(f"sweep[{i}].{key}", "unknown key", f"use section.key names, {SWEEP_EXAMPLE}")
+            if key != "name" and key not in SWEEP_KEYS:
+                _fail(
+                    f"sweep[{i}].{key}",
+                    "cannot differ between the SAEs of a sweep",
+                    f"set only name and these keys: {sorted(SWEEP_KEYS)}",
+                )
+    return tuple(dict(entry) for entry in values)
+
+
+SWEEP_EXAMPLE = (
+    "e.g. sweep: [{sae.l1_coeff: 4.0e-5}, {name: topk32, sae.architecture: topk, sae.k: 32}]"
+)
+
+
+def member_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """Each sweep member's name and complete config: the recipe with its overrides, training
+    into ``train.out_dir/<name>`` as an MLflow run of that name. Values are validated here."""
+    base = cfg.to_dict()
+    base["sweep"] = []
+    out: list[tuple[str, Config]] = []
+    for i, entry in enumerate(cfg.sweep):
+        overrides = {k: v for k, v in entry.items() if k != "name"}
+        name = str(entry.get("name") or member_name(overrides) or f"member{i}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            _fail(
+                f"sweep[{i}].name", f"{name!r} is not a folder name", "use letters, digits, . _ -"
+            )
+        if name in {n for n, _ in out}:
+            _fail(
+                f"sweep[{i}].name", f"{name!r} names two members", "give each member its own name"
+            )
+        raw = copy.deepcopy(base)
+        for key, value in overrides.items():
+            section, field_name = key.split(".", 1)
+            raw[section][field_name] = value
+        raw["train"]["out_dir"] = str(Path(cfg.train.out_dir) / name)
+        raw["tracking"]["run_name"] = name
+        try:
+            out.append((name, _build(raw)))
+        except ConfigError as err:
+            raise ConfigError(f"config error in sweep[{i}] ({name}): {err}") from err
+    return out
+
+
+def member_name(overrides: dict[str, Any]) -> str:
+    """``{"sae.l1_coeff": 4e-05, "sae.k": 32}`` -> ``l1_coeff-4e-05_k-32``."""
+    parts = [f"{key.split('.', 1)[1]}-{value}" for key, value in overrides.items()]
+    return re.sub(r"[^A-Za-z0-9._-]", "-", "_".join(parts))
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -524,6 +616,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = _build(raw)
     # Training from a cache runs no CLIP (unless the zero-shot evaluation needs one).
     check_model(cfg.model, weights=cfg.data.source == "shards" or cfg.eval.every > 0)
+    member_configs(cfg)  # a sweep's values, checked before any data is read
     return cfg
 
 

@@ -19,11 +19,7 @@ from typing import Any
 import torch
 import yaml
 from patchsae import kernels
-from patchsae.data.activations import ActivationSource, load_visual
-from patchsae.data.cache import ActivationCache, CachedStream
-from patchsae.data.cache import identity as cache_identity
-from patchsae.data.mixer import TokenMixer
-from patchsae.data.shards import ImageShards, expand_urls
+from patchsae.data.cache import CachedStream
 from patchsae.data.stream import TokenStream
 from patchsae.trainer import checkpoint, saelens
 from patchsae.trainer.config import (
@@ -34,6 +30,7 @@ from patchsae.trainer.config import (
     config_from_dict,
 )
 from patchsae.trainer.distributed import AdamSchedule, Distributed, Engine
+from patchsae.trainer.inputs import build_stream, init_sample, needs_weights
 from patchsae.trainer.metrics import LatentStats, MetricSums
 from patchsae.trainer.plots import density_histogram
 from patchsae.trainer.sae import SparseAutoencoder
@@ -169,11 +166,27 @@ class TrainingDiverged(RuntimeError):
     """Too many non-finite steps in a row; the message names the likely fix."""
 
 
-def _setup_logging(rank: int) -> None:
+def setup_process(cfg: Config, dist: Distributed) -> None:
+    """Logging (INFO on rank 0) and the CPU thread count, once per process."""
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        level=logging.INFO if dist.rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {dist.rank}] %(levelname)s %(name)s: %(message)s",
     )
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+
+
+@dataclass
+class Shared:
+    """What the SAEs trained in one pass (``trainer.sweep``) share: the stop request, the
+    process group, the token stream, the plan and, on a fresh start, the token sample each SAE
+    initialises from."""
+
+    stop: StopRequest
+    dist: Distributed
+    stream: TokenStream | CachedStream
+    plan: Plan
+    sample: Tensor | None = None
 
 
 class Trainer:
@@ -181,26 +194,29 @@ class Trainer:
     group, the resume point, the token stream, the SAE, the engine, the evaluation and the
     tracker."""
 
-    def __init__(self, cfg: Config, resume: str | None = None) -> None:
+    def __init__(
+        self, cfg: Config, resume: str | None = None, shared: Shared | None = None
+    ) -> None:
         self.cfg = cfg
         # First, so that a stop signal arriving during start-up is not lost.
-        self.stop = StopRequest()
-        self.dist = Distributed.from_env(cfg.distributed, cfg.train.device)
-        _setup_logging(self.dist.rank)
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        self.stop = shared.stop if shared else StopRequest()
+        self.dist = (
+            shared.dist if shared else Distributed.from_env(cfg.distributed, cfg.train.device)
+        )
+        if shared is None:
+            setup_process(cfg, self.dist)
         self.run_dir = Path(cfg.train.out_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.layer = check_model(
-            cfg.model, weights=cfg.data.source == "shards" or cfg.eval.every > 0
-        )
+        self.layer = check_model(cfg.model, weights=needs_weights(cfg))
         self.kernel_path = kernels.kernel_path()
         self.ckpt_path = self._find_resume(resume)
         if self.ckpt_path is not None:
             self._check_resumable(self.ckpt_path)
-        self.stream = self._build_stream()
-        self.plan = Plan.make(cfg, self.stream.tokens_per_image, self.dist.world_size)
-        self._build_sae()
+        self.stream = shared.stream if shared else build_stream(cfg, self.dist, self.layer)
+        self.plan = shared.plan if shared else self.make_plan(cfg, self.stream, self.dist)
+        self.keep_checkpoints: int | None = cfg.train.keep_checkpoints
+        """Checkpoints kept after each save; None: no pruning (a sweep prunes its members)."""
+        self._build_sae(shared.sample if shared else None)
         self.engine = self._build_engine()
         if self.ckpt_path is not None:
             self._load(self.ckpt_path)
@@ -209,69 +225,13 @@ class Trainer:
 
     # -- builders ----------------------------------------------------------------------------
 
-    def _build_stream(self) -> TokenStream | CachedStream:
-        """The token stream over this rank's share of the shards (through the hooked CLIP) or
-        of the activation cache."""
-        cfg = self.cfg
-        mixer = TokenMixer(cfg.data.mix_buffer_tokens, seed=cfg.train.seed * 1009 + self.dist.rank)
-        if cfg.data.source == "cache":
-            return self._build_cached_stream(mixer)
-        urls = expand_urls(cfg.data.urls)  # fails fast, naming the URLs, when none is readable
-        visual, preprocess = load_visual(
-            cfg.model.name,
-            cfg.model.pretrained,
-            cache_dir=cfg.model.cache_dir,
-            init_seed=cfg.model.init_seed,
-        )
-        source = ActivationSource(visual.to(self.dist.device), self.layer, cfg.model.tokens)
-        shards = ImageShards(
-            urls,
-            preprocess,
-            batch_size=cfg.data.images_per_batch,
-            shuffle_shards=cfg.data.shuffle_shards,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            seed=cfg.train.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
-        return TokenStream(
-            shards,
-            source,
-            mixer,
-            num_workers=cfg.data.num_workers,
-            max_bad_fraction=cfg.data.max_bad_fraction,
-        )
+    @staticmethod
+    def make_plan(cfg: Config, stream: TokenStream | CachedStream, dist: Distributed) -> Plan:
+        return Plan.make(cfg, stream.tokens_per_image, dist.world_size)
 
-    def _build_cached_stream(self, mixer: TokenMixer) -> CachedStream:
-        cfg = self.cfg
-        assert cfg.data.cache is not None  # DataConfig checks it
-        cache = ActivationCache.open(cfg.data.cache)
-        m = cfg.model
-        cache.check(cache_identity(m.name, m.pretrained, self.layer, m.tokens, m.init_seed))
-        if cache.meta is None and not (cfg.train.batch_tokens and cfg.train.total_tokens):
-            raise ConfigError(
-                f"config error at 'train': data.cache {cfg.data.cache} is an array without "
-                "images; set train.batch_tokens and train.total_tokens (not *_images)"
-            )
-        if cache.meta is None:
-            log.warning(
-                "data.cache %s is a bare array: model.* is not checked against it", cache.path
-            )
-        return CachedStream(
-            cache,
-            mixer,
-            units_per_read=cfg.data.images_per_batch,
-            shuffle_shards=cfg.data.shuffle_shards,
-            shuffle_units=cfg.data.shuffle_buffer > 0,
-            seed=cfg.train.seed,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            device=self.dist.device,
-        )
-
-    def _build_sae(self) -> None:
-        """The SAE (seeded; initialised from the data on a fresh start), its running latent
-        statistics and metric sums, and the step counters."""
+    def _build_sae(self, sample: Tensor | None) -> None:
+        """The SAE (seeded; initialised from ``sample``, or from tokens drawn now, on a fresh
+        start), its running latent statistics and metric sums, and the step counters."""
         cfg = self.cfg
         d = self.stream.width
         f = cfg.sae.n_latents or (cfg.sae.expansion or 0) * d  # exactly one of them is set
@@ -290,7 +250,7 @@ class Trainer:
         self.ghost_index: Tensor | None = None  # see train_step
         self.run_id: str | None = None
         if self.ckpt_path is None:
-            self._init_from_data()
+            self._init_from_data(sample)
 
     def _build_engine(self) -> Engine:
         """The SAE's optimiser state laid out for the configured strategy."""
@@ -351,18 +311,15 @@ class Trainer:
                     )
         checkpoint.check_layout(path, saved.distributed, self.cfg.distributed, self.dist.world_size)
 
-    def _init_from_data(self) -> None:
+    def _init_from_data(self, sample: Tensor | None) -> None:
         """``b_dec`` (and the input scale) from a token sample, drawn through the mixer."""
-        want = self.cfg.sae.init_sample_tokens
-        chunk = self.cfg.data.mix_buffer_tokens // 2
-        parts = [self.stream.next_batch(min(chunk, want - i)) for i in range(0, want, chunk)]
-        self.sae.init_from_sample(
-            torch.cat(parts), self.cfg.sae.init_b_dec, self.cfg.sae.scale_inputs
-        )
+        if sample is None:
+            sample = init_sample(self.stream, self.cfg)
+        self.sae.init_from_sample(sample, self.cfg.sae.init_b_dec, self.cfg.sae.scale_inputs)
         log.info(
             "initialised b_dec (%s) from %d tokens; input scale %.4g",
             self.cfg.sae.init_b_dec,
-            want,
+            len(sample),
             self.sae.input_scale.item(),
         )
 
@@ -465,7 +422,7 @@ class Trainer:
         digests = self._collectively(tmp, lambda: self._digest_share(tmp))
         parts = self.dist.all_gather_object(digests)
         merged = {name: d for part in parts for name, d in part.items()}
-        keep = self.cfg.train.keep_checkpoints
+        keep = self.keep_checkpoints
 
         def seal() -> Path | None:
             if not main:
@@ -650,47 +607,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         """Train to ``plan.total_steps`` (or until a stop signal); returns a summary."""
-        cfg, total = self.cfg.train, self.plan.total_steps
-        self.run_id = self.tracker.run_id or self.run_id
-        clock = {
-            "t": time.perf_counter(),
-            "wait": self.stream.wait_s,
-            "images": self.stream.images_seen,
-        }
-        metrics: dict[str, float] = {}
-        status, interrupted = "FINISHED", False
-        try:
-            while self.step < total:
-                self.train_step(self.stream.next_batch(self.plan.local_tokens))
-                if self.step % cfg.log_every == 0 or self.step == total:
-                    metrics = self.log_metrics(clock)
-                    self._check_diverged()
-                    if self._stop_requested():
-                        interrupted = True
-                        break
-                every = self.cfg.eval.every
-                if every and (self.step % every == 0 or self.step == total):
-                    self.evaluate()
-                if (
-                    cfg.checkpoint_every
-                    and self.step % cfg.checkpoint_every == 0
-                    and self.step < total
-                ):
-                    self.save()
-            self.save()
-            if not interrupted:
-                self._finish()
-            else:
-                status = "KILLED"
-        except BaseException:
-            status = "FAILED"
-            raise
-        finally:
-            self.tracker.close(status="RUNNING" if interrupted else status)
-            self.stream.close()
-            self.dist.close()
-            self.stop.restore()
-        return {"step": self.step, "interrupted": interrupted, "metrics": metrics}
+        return drive([self])[0]
 
     def _finish(self) -> None:
         tensors = self.engine.full_tensors()
@@ -712,5 +629,96 @@ class Trainer:
             self.tracker.log_artifact(self.run_dir / name, "sae")
 
 
+def drive(
+    trainers: list[Trainer], after_save: Callable[[list[Trainer]], None] | None = None
+) -> list[dict[str, Any]]:
+    """Train every trainer on the same token batches (one run, or the members of a sweep, all
+    built on one :class:`Shared`) to the plan's end or a stop signal; returns their summaries.
+
+    They log, evaluate and checkpoint at the same steps (``after_save`` runs once all have
+    saved). A run that diverges raises :class:`TrainingDiverged`; in a sweep that member stops
+    (its state saved, its MLflow run FAILED), the others go on, and its summary holds the
+    error as ``diverged``."""
+    lead = trainers[0]
+    stream, dist, cfg, total = lead.stream, lead.dist, lead.cfg, lead.plan.total_steps
+    active = list(trainers)
+    status: dict[int, str] = {}
+    diverged: dict[int, str] = {}
+    metrics: dict[int, dict[str, float]] = {}
+    clocks = {}
+    for t in trainers:
+        t.run_id = t.tracker.run_id or t.run_id
+        clocks[id(t)] = {
+            "t": time.perf_counter(),
+            "wait": stream.wait_s,
+            "images": stream.images_seen,
+        }
+    interrupted = False
+
+    def save_all() -> None:
+        for t in active:
+            t.save()
+        if after_save is not None:
+            after_save(active)
+
+    try:
+        while active and active[0].step < total:
+            x_ND = stream.next_batch(lead.plan.local_tokens)
+            for t in active:
+                t.train_step(x_ND)
+            step = active[0].step
+            if step % cfg.train.log_every == 0 or step == total:
+                for t in list(active):
+                    metrics[id(t)] = t.log_metrics(clocks[id(t)])
+                    try:
+                        t._check_diverged()
+                    except TrainingDiverged as err:
+                        if len(trainers) == 1:
+                            raise
+                        log.error("%s: %s", t.run_dir.name, err)
+                        t.tracker.close(status="FAILED")
+                        active.remove(t)
+                        diverged[id(t)] = str(err)
+                if lead._stop_requested():
+                    interrupted = True
+                    break
+            every = cfg.eval.every
+            if every and (step % every == 0 or step == total):
+                for t in active:
+                    t.evaluate()
+            if (
+                cfg.train.checkpoint_every
+                and step % cfg.train.checkpoint_every == 0
+                and step < total
+            ):
+                save_all()
+        save_all()
+        if not interrupted:
+            for t in active:
+                t._finish()
+    except BaseException:
+        status.update({id(t): "FAILED" for t in active})
+        raise
+    finally:
+        for t in active:
+            t.tracker.close(status="RUNNING" if interrupted else status.get(id(t), "FINISHED"))
+        stream.close()
+        dist.close()
+        lead.stop.restore()
+    return [
+        {
+            "step": t.step,
+            "interrupted": interrupted,
+            "metrics": metrics.get(id(t), {}),
+            "diverged": diverged.get(id(t)),
+        }
+        for t in trainers
+    ]
+
+
 def train(cfg: Config, resume: str | None = None) -> dict[str, Any]:
+    if cfg.sweep:
+        from patchsae.trainer.sweep import train_sweep
+
+        return train_sweep(cfg, resume)
     return Trainer(cfg, resume).run()
