@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -301,17 +300,7 @@ def analyze(run_dir: str | Path, options: AnalyzeOptions) -> Path | None:
     passes = _Pass(options, sae, urls, dist, partial)
     if passes.restore():
         log.info("resuming the analysis from %s (%d batches done)", partial, passes.batches)
-    from tqdm import tqdm
-
-    progress = tqdm(
-        total=None,
-        initial=passes.stats.images,
-        unit="img",
-        desc=f"analyze (rank {dist.rank}/{dist.world_size})",
-        disable=not dist.is_main,
-        mininterval=1.0 if sys.stderr.isatty() else 10.0,
-        file=sys.stderr,
-    )
+    progress = dist.progress("analyze", initial=passes.stats.images)
     try:
         finished = passes.run(progress)
     finally:

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,17 +217,7 @@ def build_cache(cfg: Config, options: CacheOptions) -> Path | None:
     share.restore()
     if share.written:
         log.info("resuming the cache in %s (%d shards written)", out, len(share.written))
-    from tqdm import tqdm
-
-    progress = tqdm(
-        total=None,
-        initial=sum(w["images"] for w in share.written),
-        unit="img",
-        desc=f"cache (rank {dist.rank}/{dist.world_size})",
-        disable=not dist.is_main,
-        mininterval=1.0 if sys.stderr.isatty() else 10.0,
-        file=sys.stderr,
-    )
+    progress = dist.progress("cache", initial=sum(w["images"] for w in share.written))
     try:
         finished = share.run(progress)
     finally:

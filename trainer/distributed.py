@@ -205,6 +205,21 @@ class Distributed:
             digest.update(param.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
         return [str(d) for d in self.all_gather_object(digest.hexdigest())]
 
+    def progress(self, what: str, initial: int = 0) -> Any:
+        """A tqdm bar of images for a pass over the shards, shown by the main rank only (every
+        10 s when stderr is not a terminal, e.g. a job's log)."""
+        from tqdm import tqdm
+
+        return tqdm(
+            total=None,
+            initial=initial,
+            unit="img",
+            desc=f"{what} (rank {self.rank}/{self.world_size})",
+            disable=not self.is_main,
+            mininterval=1.0 if sys.stderr.isatty() else 10.0,
+            file=sys.stderr,
+        )
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
