@@ -15,7 +15,10 @@ gives the dense encoder kernel alone against cuBLAS for the same GEMM.
                                                   # CPU smoke run of the Triton columns
 
 L0 is set through b_enc: with unit-variance pre-activations, b_enc = -Phi^-1(1 - L0 / n)
-gives L0 active latents per token on average. Targets on an H100 (see issue #3): Triton step
+gives L0 active latents per token on average. A third table times the ``topk`` architecture
+(k = 32, 64, 128 at n = 49,152 and 2^18): the eager reference, compiled, and the Triton path
+(dense encoder GEMM, the selection, the sparse decoder and backward; ``kernels.topk``).
+Targets on an H100 (see issue #3): Triton step
 at least 3x faster than torch.compile at n = 49,152, L0 = 150; dense encoder at least 75% of
 the cuBLAS rate; peak memory not above eager's.
 """
@@ -33,6 +36,9 @@ from patchsae.kernels.reference import sae_loss as eager_sae_loss  # noqa: E402
 COLUMNS = ("eager", "compile", "triton dense", "triton sparse")
 GPU_SIZES = {"d": 768, "tokens": 4096, "n": [49_152, 2**18, 2**20], "l0": [32, 150, 1000]}
 CPU_SIZES = {"d": 256, "tokens": 512, "n": [8192], "l0": [32, 150]}
+TOPK_GPU = {"n": [49_152, 2**18], "k": [32, 64, 128]}
+TOPK_CPU = {"n": [8192], "k": [32]}
+TOPK_COLUMNS = ("eager", "compile", "triton")
 
 
 def make_inputs(tokens: int, d: int, n: int, l0: int, dtype: torch.dtype, device: str):
@@ -199,6 +205,50 @@ def main() -> None:
         print("|---|---|---|---|")
         for n, enc, gemm in encoder_rows:
             print(f"| {n:,} | {enc:.3g} | {gemm:.3g} | {enc / gemm:.2f} |")
+
+    topk = TOPK_GPU if gpu else TOPK_CPU
+    if args.interpret:
+        topk = {"n": [512], "k": [8]}
+    topk_table(
+        timer,
+        sizes,
+        topk,
+        dtype,
+        device,
+        TOPK_COLUMNS if len(columns) > 2 else TOPK_COLUMNS[:2],
+        warmup,
+        iters,
+    )
+
+
+def topk_table(timer, sizes, topk, dtype, device, columns, warmup, iters) -> None:
+    """ms per step and peak memory of the topk architecture, per (n, k)."""
+    from patchsae.kernels.topk import triton_topk_loss
+
+    print(f"\n# topk step on the same card, {str(dtype)[6:]}\n")
+    print("| n | k | metric | " + " | ".join(columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
+    compiled = torch.compile(eager_sae_loss, dynamic=False)
+    for n in topk["n"]:
+        for k in topk["k"]:
+            x, params = make_inputs(sizes["tokens"], sizes["d"], n, k, dtype, device)
+            fns = {
+                "eager": lambda *a, k=k, **kw: eager_sae_loss(*a, **kw, architecture="topk", k=k),
+                "compile": lambda *a, k=k, **kw: compiled(*a, **kw, architecture="topk", k=k),
+                "triton": lambda *a, k=k, **kw: triton_topk_loss(*a, architecture="topk", k=k)[0],
+            }
+            res = {c: step_stats(fns[c], x, params, timer, device, warmup, iters) for c in columns}
+            print(
+                f"| {n:,} | {k} | ms / step | "
+                + " | ".join(fmt(r["ms"], ".2f") for r in res.values())
+                + " |"
+            )
+            print(
+                f"| {n:,} | {k} | peak GiB | "
+                + " | ".join(fmt(r["peak"], ".2f") for r in res.values())
+                + " |"
+            )
+            del x, params
 
 
 def encoder_rate(timer: Timer, sizes: dict, n: int, dtype, device: str, rate: float):

@@ -99,7 +99,7 @@ class SAELossFunction(torch.autograd.Function):
     ):
         N, D = x_ND.shape
         F = W_enc_DF.shape[1]
-        w_N = _token_weights(x_ND, mse_norm)
+        w_N = token_weights(x_ND, mse_norm)
         s_F = W_dec_FD.float().norm(dim=1) if l1_decoder_norm else None
         capacity = sparse_capacity(sparse_threshold, F)
         xc_ND = x_ND - b_dec_D  # rounds like the reference; the GEMMs take it as it is
@@ -142,75 +142,80 @@ class SAELossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND):
-        (x_ND, xc_ND, W_enc_DF, W_dec_FD, f_NF, seed_ND, sq_N, w_N,
-         s_F, colsum_F, idx_NK, val_NK, nnz_N) = ctx.saved_tensors  # fmt: skip
-        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
-        N, D = x_ND.shape
-        F = W_enc_DF.shape[1]
-        zero = torch.zeros((), dtype=torch.float32, device=x_ND.device)
-        g_mse = zero if g_mse is None else g_mse.float()
-        g_l1 = zero if g_l1 is None else g_l1.float()
-        g_ND = seed_ND * g_mse  # d loss / d x_hat, fp32
-        if g_x_hat_ND is not None:
-            g_ND = g_ND + g_x_hat_ND.float()
-        l1_scale = g_l1 * (ctx.l1_coeff / N)
-        gd = tk.grad_dtype(x_ND.dtype)
-        g_op_ND = g_ND.to(gd)  # the GEMM operand (bf16 for bf16 parameters)
+        return (*sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND), *([None] * 6))
 
-        grad_W_enc = grad_W_dec = g_b_enc_F = g_pre_NF = None
-        if ctx.sparse:
-            g_code_NK = tk.latent_grad_sparse(g_op_ND, W_dec_FD, idx_NK, nnz_N, s_F, l1_scale)
-            # Slots past a token's count hold garbage: clamp for gathers, mask for scatters.
-            valid_NK = tk.valid_slots(nnz_N, idx_NK.shape[1])
-            key_NK = torch.where(valid_NK, idx_NK, F).long()
-            if g_f_NF is not None:
-                g_code_NK += g_f_NF.float().gather(1, key_NK.clamp(max=F - 1))
-            code = tk.latent_major(idx_NK, nnz_N, F, ctx.active)
-            if need_W_enc:
-                grad_W_enc = tk.output_buffer((D, F), W_enc_DF.dtype, x_ND.device)
-                g_code_E = g_code_NK.view(-1)[code.perm_E]
-                g_b_enc_F = tk.sparse_t_matmul(code, g_code_E, xc_ND, grad_W_enc.T, with_sum=True)
-            elif need_b_enc or need_b_dec or need_x:
-                g_b_enc_F = _scatter_sum(g_code_NK, key_NK, F)
-            if need_W_dec:
-                dtype = torch.float32 if s_F is not None else gd
-                grad_W_dec = tk.output_buffer((F, D), dtype, x_ND.device)
-                tk.sparse_t_matmul(code, val_NK.view(-1)[code.perm_E], g_op_ND, grad_W_dec)
-            if need_x:  # rare (inputs are data): densify and use cuBLAS
-                g_pre_NF = torch.zeros((N, F + 1), dtype=gd, device=x_ND.device)
-                g_code_NK = torch.where(valid_NK, g_code_NK, 0.0)
-                g_pre_NF = g_pre_NF.scatter_(1, key_NK, g_code_NK.to(gd))[:, :F]
-        else:
-            if need_x or need_W_enc or need_b_enc or need_b_dec:
-                g_pre_NF, g_b_enc_F = tk.latent_grad_dense(
-                    g_op_ND, W_dec_FD, f_NF, s_F, l1_scale, g_f_NF
-                )
-            if need_W_enc:
-                grad_W_enc = xc_ND.to(gd).T @ g_pre_NF
-            if need_W_dec:
-                grad_W_dec = f_NF.to(gd).T @ g_op_ND
 
-        if need_W_dec and s_F is not None:
-            # d l1 / d W_dec[f] = l1_scale * sum_n f[n, f] * W_dec[f] / |W_dec[f]|
-            coef_F = l1_scale * torch.where(s_F > 0, colsum_F / s_F, 0.0)
-            grad_W_dec = grad_W_dec.float() + coef_F[:, None] * W_dec_FD.float()
-        grad_b_dec = grad_x = None
-        if need_b_dec:
-            grad_b_dec = g_ND.sum(0) - (W_enc_DF.to(gd) @ g_b_enc_F.to(gd)).float()
-        if need_x:
-            grad_x = (g_pre_NF @ W_enc_DF.to(gd).T).float() - g_mse * seed_ND
-            if ctx.mse_norm == "token_norm":
-                norm_N = x_ND.float().norm(dim=1)
-                coef_N = torch.where(norm_N > 1e-8, sq_N / norm_N.pow(3), 0.0) / (N * D)
-                grad_x = grad_x - g_mse * coef_N[:, None] * x_ND.float()
-        return (
-            _cast(grad_x, x_ND.dtype),
-            _cast(grad_W_enc, W_enc_DF.dtype),
-            _cast(g_b_enc_F if need_b_enc else None, ctx.b_enc_dtype),
-            _cast(grad_W_dec, W_dec_FD.dtype),
-            _cast(grad_b_dec, ctx.b_dec_dtype),
-            *([None] * 6),
-        )
+def sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND) -> tuple[Tensor | None, ...]:
+    """The gradients of ``(x, W_enc, b_enc, W_dec, b_dec)`` from what a forward saved (see
+    :class:`SAELossFunction`; ``kernels.topk`` saves the same for its sparse code)."""
+    (x_ND, xc_ND, W_enc_DF, W_dec_FD, f_NF, seed_ND, sq_N, w_N,
+     s_F, colsum_F, idx_NK, val_NK, nnz_N) = ctx.saved_tensors  # fmt: skip
+    need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
+    N, D = x_ND.shape
+    F = W_enc_DF.shape[1]
+    zero = torch.zeros((), dtype=torch.float32, device=x_ND.device)
+    g_mse = zero if g_mse is None else g_mse.float()
+    g_l1 = zero if g_l1 is None else g_l1.float()
+    g_ND = seed_ND * g_mse  # d loss / d x_hat, fp32
+    if g_x_hat_ND is not None:
+        g_ND = g_ND + g_x_hat_ND.float()
+    l1_scale = g_l1 * (ctx.l1_coeff / N)
+    gd = tk.grad_dtype(x_ND.dtype)
+    g_op_ND = g_ND.to(gd)  # the GEMM operand (bf16 for bf16 parameters)
+
+    grad_W_enc = grad_W_dec = g_b_enc_F = g_pre_NF = None
+    if ctx.sparse:
+        g_code_NK = tk.latent_grad_sparse(g_op_ND, W_dec_FD, idx_NK, nnz_N, s_F, l1_scale)
+        # Slots past a token's count hold garbage: clamp for gathers, mask for scatters.
+        valid_NK = tk.valid_slots(nnz_N, idx_NK.shape[1])
+        key_NK = torch.where(valid_NK, idx_NK, F).long()
+        if g_f_NF is not None:
+            g_code_NK += g_f_NF.float().gather(1, key_NK.clamp(max=F - 1))
+        code = tk.latent_major(idx_NK, nnz_N, F, ctx.active)
+        if need_W_enc:
+            grad_W_enc = tk.output_buffer((D, F), W_enc_DF.dtype, x_ND.device)
+            g_code_E = g_code_NK.view(-1)[code.perm_E]
+            g_b_enc_F = tk.sparse_t_matmul(code, g_code_E, xc_ND, grad_W_enc.T, with_sum=True)
+        elif need_b_enc or need_b_dec or need_x:
+            g_b_enc_F = _scatter_sum(g_code_NK, key_NK, F)
+        if need_W_dec:
+            dtype = torch.float32 if s_F is not None else gd
+            grad_W_dec = tk.output_buffer((F, D), dtype, x_ND.device)
+            tk.sparse_t_matmul(code, val_NK.view(-1)[code.perm_E], g_op_ND, grad_W_dec)
+        if need_x:  # rare (inputs are data): densify and use cuBLAS
+            g_pre_NF = torch.zeros((N, F + 1), dtype=gd, device=x_ND.device)
+            g_code_NK = torch.where(valid_NK, g_code_NK, 0.0)
+            g_pre_NF = g_pre_NF.scatter_(1, key_NK, g_code_NK.to(gd))[:, :F]
+    else:
+        if need_x or need_W_enc or need_b_enc or need_b_dec:
+            g_pre_NF, g_b_enc_F = tk.latent_grad_dense(
+                g_op_ND, W_dec_FD, f_NF, s_F, l1_scale, g_f_NF
+            )
+        if need_W_enc:
+            grad_W_enc = xc_ND.to(gd).T @ g_pre_NF
+        if need_W_dec:
+            grad_W_dec = f_NF.to(gd).T @ g_op_ND
+
+    if need_W_dec and s_F is not None:
+        # d l1 / d W_dec[f] = l1_scale * sum_n f[n, f] * W_dec[f] / |W_dec[f]|
+        coef_F = l1_scale * torch.where(s_F > 0, colsum_F / s_F, 0.0)
+        grad_W_dec = grad_W_dec.float() + coef_F[:, None] * W_dec_FD.float()
+    grad_b_dec = grad_x = None
+    if need_b_dec:
+        grad_b_dec = g_ND.sum(0) - (W_enc_DF.to(gd) @ g_b_enc_F.to(gd)).float()
+    if need_x:
+        grad_x = (g_pre_NF @ W_enc_DF.to(gd).T).float() - g_mse * seed_ND
+        if ctx.mse_norm == "token_norm":
+            norm_N = x_ND.float().norm(dim=1)
+            coef_N = torch.where(norm_N > 1e-8, sq_N / norm_N.pow(3), 0.0) / (N * D)
+            grad_x = grad_x - g_mse * coef_N[:, None] * x_ND.float()
+    return (
+        _cast(grad_x, x_ND.dtype),
+        _cast(grad_W_enc, W_enc_DF.dtype),
+        _cast(g_b_enc_F if need_b_enc else None, ctx.b_enc_dtype),
+        _cast(grad_W_dec, W_dec_FD.dtype),
+        _cast(grad_b_dec, ctx.b_dec_dtype),
+    )
 
 
 @torch.compiler.disable
@@ -274,7 +279,7 @@ def _ghost_term(
     return ghost_loss(x_ND, x_hat_ND, pre_NM, W_dec_FD[latents_M], mask_M, err_ND, mse_norm)
 
 
-def _token_weights(x_ND: Tensor, mse_norm: str) -> Tensor:
+def token_weights(x_ND: Tensor, mse_norm: str) -> Tensor:
     """fp32 per-token weight of the squared error (``squared_error``'s normalisation)."""
     if mse_norm == "token_norm":
         return 1.0 / x_ND.float().norm(dim=1).clamp_min(1e-8)

@@ -142,8 +142,22 @@ def sae_loss(
     if choice == "triton" or (choice == "auto" and x_ND.is_cuda and _triton_importable()):
         kernel_path()  # a clear error when the Triton path cannot run here
         reason = _unsupported(tensors)
-        if architecture != "relu":
-            reason = f"architecture {architecture!r} (the Triton kernels implement relu)"
+        if reason is None and architecture in ("topk", "batchtopk"):
+            from patchsae.kernels.topk import triton_topk_loss
+
+            out, info = triton_topk_loss(
+                *tensors,
+                architecture=architecture,
+                k=options["k"],
+                mse_norm=mse_norm,
+                ghost_mask_F=ghost_mask_F,
+                aux_k=options.get("aux_k", 0),
+                aux_coeff=options.get("aux_coeff", 0.0),
+            )
+            stats.sparse_steps += info.sparse
+            return out
+        if architecture not in ("relu", "topk", "batchtopk"):
+            reason = f"architecture {architecture!r} (the Triton kernels implement relu, topk, batchtopk)"
         if reason is None:
             from patchsae.kernels.autograd import triton_sae_loss
 

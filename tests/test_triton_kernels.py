@@ -314,14 +314,92 @@ def test_dispatch_settings_errors_and_fallbacks(monkeypatch):
     assert out.loss.item() == want.loss.item() and kernels.stats.eager_fallbacks == 1
 
 
-def _train(monkeypatch, path: str, threshold: float, steps: int = 5) -> list[float]:
+# topk and batchtopk on the sparse Triton path (kernels.topk): (architecture, dtype, mse_norm,
+# grad of x, tied latents). Half the pre-activations are positive, so the selection (not the
+# ReLU) decides the code; with tied latents every other W_enc column and b_enc entry is a copy
+# of its neighbour's, so exact ties at the k-th value are common and the reference's rule
+# (the lower index wins) must be followed.
+TOPK_CASES = [
+    ("topk", torch.float32, "none", True, False),
+    ("topk", torch.float32, "token_norm", False, True),
+    ("topk", torch.float16, "none", False, True),
+    ("batchtopk", torch.float32, "token_norm", True, False),
+    ("batchtopk", torch.float32, "none", False, True),
+    ("batchtopk", torch.float16, "token_norm", True, False),
+]
+
+
+def topk_inputs(dtype, tied: bool) -> dict[str, torch.Tensor]:
+    inputs = make_inputs(0.5, dtype, f=230)
+    if tied:
+        inputs["W_enc"][:, 1::2] = inputs["W_enc"][:, ::2]
+        inputs["b_enc"][1::2] = inputs["b_enc"][::2]
+    return inputs
+
+
+@pytest.mark.parametrize(
+    "architecture,dtype,mse_norm,grad_x,tied",
+    TOPK_CASES,
+    ids=[f"{c[0]}-{str(c[1])[6:]}-{c[2]}{'-tied' if c[4] else ''}" for c in TOPK_CASES],
+)
+def test_topk_and_batchtopk_match_float64_reference(
+    seed, architecture, dtype, mse_norm, grad_x, tied
+):
+    from patchsae.kernels.topk import triton_topk_loss
+
+    inputs = topk_inputs(dtype, tied)
+    dead = torch.zeros(230, dtype=torch.bool, device=DEVICE)
+    dead[torch.randperm(230)[:31]] = True
+    kw = dict(architecture=architecture, k=9, mse_norm=mse_norm, ghost_mask_F=dead, aux_k=6)
+    kw |= dict(aux_coeff=0.25, grad_x=grad_x)
+    info = {}
+
+    def fn(*tensors, **options):
+        out, info["step"] = triton_topk_loss(*tensors, **options)
+        return out
+
+    got = run(fn, inputs, **kw)
+    if dtype == torch.float32:  # pre-activations exact: the same selection as in float64
+        want = reference(inputs, l1_coeff=0.0, **kw)
+    else:  # fp16 rounds pre, which moves the k-th value: select as the fp16 reference does
+        want = run(reference_sae_loss, inputs, l1_coeff=0.0, **kw)
+    assert info["step"].sparse and info["step"].ghost_latents == 31
+    assert want[0].aux.item() > 0 and torch.equal(got[0].f_NF > 0, want[0].f_NF > 0)
+    if architecture == "topk":
+        assert ((got[0].f_NF > 0).sum(dim=1) <= 9).all()
+    else:
+        assert 0 < (got[0].f_NF > 0).sum().item() <= 9 * N
+    assert_close(got, want, TOL[dtype])
+
+
+def test_topk_through_the_dispatcher_takes_the_triton_path(seed, monkeypatch):
+    monkeypatch.setenv("PATCHSAE_KERNELS", "triton")
+    inputs = topk_inputs(torch.float32, tied=False)
+    for architecture in ("topk", "batchtopk"):
+        before = kernels.stats.sparse_steps
+        out = kernels.sae_loss(*inputs.values(), l1_coeff=0.1, architecture=architecture, k=5)
+        want = reference_sae_loss(*inputs.values(), l1_coeff=0.1, architecture=architecture, k=5)
+        assert kernels.stats.sparse_steps == before + 1 and kernels.stats.eager_fallbacks == 0
+        assert rel_err(out.loss, want.loss) < 1e-5 and out.l1.item() == 0.0
+    # jumprelu has no Triton path yet: the reference runs, with a warning.
+    threshold = torch.full((230,), 0.1, device=DEVICE)
+    with pytest.warns(UserWarning, match="architecture 'jumprelu'"):
+        kernels.sae_loss(
+            *inputs.values(), l1_coeff=0.1, architecture="jumprelu", threshold_F=threshold
+        )
+    assert kernels.stats.eager_fallbacks == 1
+
+
+def _train(
+    monkeypatch, path: str, threshold: float, steps: int = 5, architecture: str = "relu"
+) -> list[float]:
     from patchsae.trainer.sae import SparseAutoencoder
 
     monkeypatch.setenv("PATCHSAE_KERNELS", path)
     kernels.set_sparse_threshold(threshold)
     gen = torch.Generator().manual_seed(1234)
     torch.manual_seed(4321)
-    sae = SparseAutoencoder(48, 400).to(DEVICE)
+    sae = SparseAutoencoder(48, 400, architecture=architecture, k=12).to(DEVICE)
     with torch.no_grad():
         sae.b_enc.fill_(-1.0)  # a sparse code (about 5%) from the start
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
@@ -330,7 +408,9 @@ def _train(monkeypatch, path: str, threshold: float, steps: int = 5) -> list[flo
     for _ in range(steps):
         x = torch.randn(40, 48, generator=gen).to(DEVICE)
         ghost = ~fired_F  # ghost grads for latents silent at the previous step
-        out = sae(x, l1_coeff=1e-3, mse_norm="token_norm", ghost_mask_F=ghost)
+        out = sae(
+            x, l1_coeff=1e-3, mse_norm="token_norm", ghost_mask_F=ghost, aux_k=24, aux_coeff=0.5
+        )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
@@ -348,6 +428,16 @@ def test_short_training_run_matches_eager(monkeypatch, threshold):
     # fp32 on both sides; Adam turns rounding-size gradient differences into updates of up
     # to lr, so allow 1e-4 relative on losses of order 1.
     assert triton_losses == pytest.approx(eager, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_short_topk_training_run_matches_eager(monkeypatch, architecture):
+    """Five Adam steps with AuxK on the latents silent at the previous step."""
+    eager = _train(monkeypatch, "eager", 0.0, architecture=architecture)
+    triton_losses = _train(monkeypatch, "triton", 0.0, architecture=architecture)
+    assert kernels.stats.sparse_steps == 5 and kernels.stats.eager_fallbacks == 0
+    assert triton_losses == pytest.approx(eager, rel=1e-4, abs=1e-6)
+    assert max(triton_losses[3::4]) > 0  # the AuxK term was on
 
 
 def _compile_for_h100() -> list[str]:
