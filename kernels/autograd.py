@@ -199,9 +199,11 @@ def sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND) -> tuple[Tensor | None, .
     if need_W_dec and s_F is not None:
         # d l1 / d W_dec[f] = l1_scale * sum_n f[n, f] * W_dec[f] / |W_dec[f]|
         coef_F = l1_scale * torch.where(s_F > 0, colsum_F / s_F, 0.0)
+        assert grad_W_dec is not None  # both paths computed it (need_W_dec)
         grad_W_dec = grad_W_dec.float() + coef_F[:, None] * W_dec_FD.float()
     grad_b_dec = grad_x = None
     if need_b_dec:
+        assert g_b_enc_F is not None  # both paths compute it when b_dec needs a gradient
         grad_b_dec = g_ND.sum(0) - (W_enc_DF.to(gd) @ g_b_enc_F.to(gd)).float()
     if need_x:
         grad_x = (g_pre_NF @ W_enc_DF.to(gd).T).float() - g_mse * seed_ND
