@@ -52,6 +52,10 @@ def main() -> None:
     parser.add_argument(
         "--paper", action="store_true", help="MSE / token norm and L1 weighted by decoder norm"
     )
+    parser.add_argument("--architecture", default="relu")
+    parser.add_argument(
+        "--free-decoder", action="store_true", help="no unit-norm constraint, tied init"
+    )
     parser.add_argument("--width", type=int, default=24)
     parser.add_argument("--latents", type=int, default=200)
     parser.add_argument("--batch", type=int, default=64, help="global tokens per step")
@@ -73,15 +77,25 @@ def main() -> None:
     )
     env = Distributed.from_env(cfg, "cpu")
     sae_cfg = SAEConfig(
+        n_latents=args.latents,
+        expansion=None,
+        architecture=args.architecture,
+        k=8,
+        aux_k=12,
+        jumprelu_threshold=0.05,
+        jumprelu_bandwidth=0.05,
         l1_coeff=args.l1,
         ghost_grads=True,
         ghost_window_steps=2,
         mse_norm="token_norm" if args.paper else "none",
-        l1_decoder_norm=args.paper,
+        l1_decoder_norm=args.paper or args.free_decoder,
+        unit_norm_decoder=not args.free_decoder,
+        tied_init=args.free_decoder,
+        decoder_init_norm=0.1 if args.free_decoder else None,
     )
     local = args.batch // env.world_size
     torch.manual_seed(0)
-    sae = SparseAutoencoder(args.width, args.latents)
+    sae = SparseAutoencoder.from_config(args.width, args.latents, sae_cfg)
     sae.init_from_sample(global_batch(-1, 256, args.width), "geometric_median", True)
     with torch.no_grad():  # a quarter of the latents start silent: ghost grads revive them
         sae.b_enc[: args.latents // 4] = -4.0

@@ -102,6 +102,30 @@ def test_zero_reproduces_single_process(tmp_path, single, ddp, stage, persist):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
+def test_every_architecture_under_zero3_matches_ddp(tmp_path, architecture):
+    """With a free decoder (the SAELens standard recipe's options): the loss, the weights and,
+    for batchtopk, the inference threshold (a buffer, whole on every rank) as under DDP on the
+    same 2 ranks; the rows keep their free norms (no unit-norm step is applied to them). DDP,
+    not one process, is the reference: AuxK normalises by each rank's residual variance and
+    batchtopk selects within each rank's tokens, as in SAELens."""
+    args = ["--architecture", architecture, "--free-decoder", "--l1", "0.002"]
+    ddp = _harness(tmp_path / "ddp", *args, "--strategy", "ddp", nproc=2)
+    zero = _harness(tmp_path / "zero", *args, "--strategy", "deepspeed", "--stage", "3", nproc=2)
+    ref, got = torch.tensor(ddp["loss"]), torch.tensor(zero["loss"])
+    assert ref[-1] < 0.8 * ref[0]  # it trains
+    assert ((got - ref).abs() / ref.abs()).max().item() < 1e-4
+    for name, want in ddp["tensors"].items():
+        assert torch.allclose(zero["tensors"][name], want, atol=1e-3), name
+    rows = zero["tensors"]["W_dec"].norm(dim=1)
+    assert not torch.allclose(rows, torch.ones_like(rows), atol=1e-2)  # not normalised
+    if architecture == "batchtopk":
+        assert zero["tensors"]["threshold"][0] > 0
+    if architecture != "jumprelu":  # AuxK trained the latents that started silent
+        assert max(ddp["aux"]) > 0 and max(zero["aux"]) > 0
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-adam", "deepspeed-cpu-adam"])
 def test_zero_with_optimizer_offload_on_one_rank_matches_single_process(tmp_path, single, fused):
     """One process under DeepSpeed (it sets up its own process group) with the optimiser state

@@ -383,12 +383,6 @@ class Config:
     ``section.key`` overrides of :data:`SWEEP_KEYS`, and an optional ``name``."""
 
     def __post_init__(self) -> None:
-        if self.sae.architecture != "relu" and self.distributed.strategy == "deepspeed":
-            _fail(
-                "sae.architecture",
-                f"{self.sae.architecture!r} is not available under DeepSpeed yet",
-                "train it with distributed.strategy ddp (or single), or use relu",
-            )
         if self.sweep and self.distributed.strategy == "deepspeed":
             _fail(
                 "sweep",

@@ -595,7 +595,10 @@ class ZeroEngine:
     @torch.no_grad()
     def _normalize_decoder(self, keep: Tensor) -> None:
         """Rescale every decoder row to unit norm in the fp32 master weights and in the
-        parameters the next forward uses (unless ``keep`` is false: a skipped step)."""
+        parameters the next forward uses (unless ``keep`` is false: a skipped step). Nothing
+        for an unconstrained decoder."""
+        if not self.sae.unit_norm_decoder:
+            return
         # Under stage 3 a DeepSpeed partitioned parameter: its ds_* attributes are not typed.
         W: Any = self.sae.W_dec
         if self.stage < 3:
@@ -664,6 +667,8 @@ class ZeroEngine:
         return {
             "strategy": self.kind,
             "input_scale": self.sae.input_scale.detach().cpu(),
+            # Buffers are whole on every rank: the input scale, batchtopk's threshold.
+            "buffers": {k: v.detach().cpu() for k, v in self.sae.named_buffers()},
             "scheduler": self.scheduler.state_dict(),
         }
 
@@ -682,6 +687,9 @@ class ZeroEngine:
         if path is None:
             raise ConfigError(f"checkpoint {folder} has no DeepSpeed state in {self.TAG}/")
         self.sae.input_scale.copy_(state["input_scale"])
+        buffers = dict(self.sae.named_buffers())
+        for name, value in state.get("buffers", {}).items():  # absent before 0.2
+            buffers[name].copy_(value)
         self.adam.load_scheduler(self.scheduler, state["scheduler"])
 
     def full_tensors(self) -> dict[str, Tensor]:
