@@ -170,6 +170,7 @@ def train_sweep(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     uri = resolve_tracking_uri(cfg.tracking.tracking_uri, root) if cfg.tracking.enabled else None
     members = _members(cfg, uri)
     step = _resume_step(root, members, resume)
+    dist.barrier()  # every rank has read the folder before the main rank writes into it
     root.mkdir(parents=True, exist_ok=True)
     layer = check_model(cfg.model, weights=needs_weights(cfg))
     stream = build_stream(cfg, dist, layer)
