@@ -5,7 +5,9 @@ For each setting it measures, in one process:
 - data: images/s of shard reading + decoding + CLIP preprocess (the DataLoader alone);
 - data+CLIP: images/s of the full activation stage (loader + frozen ViT forward to the hook);
 - SAE step: tokens/s of forward + backward + Adam + decoder renorm on random tokens;
-- end to end: tokens/s and data-wait fraction of the real training loop (``Trainer``).
+- end to end: tokens/s and data-wait fraction of the real training loop (``Trainer``);
+- cache: images/s of reading an activation cache of the same images (``patchsae cache``, fp16),
+  and the training loop's tokens/s and data-wait fraction when it trains from that cache.
 
 Settings: the demo (tiny ViT, 64 px, 128 -> 1,024 latents) and ViT-B-16 at 224 px with a
 768 -> 8,192 SAE (random weights: same cost as the real ones, nothing to download).
@@ -122,13 +124,12 @@ def sae_rate(d: int, f: int, batch: int, device: str, steps: int = 5) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-def end_to_end(s: Setting, shards_dir: Path, out: Path, device: str, workers: int) -> dict:
+def end_to_end(
+    s: Setting, shards_dir: Path, out: Path, device: str, workers: int, extra: tuple = ()
+) -> dict:
     overrides = [
-        f"model.name={s.model}",
-        "model.pretrained=null",  # throughput does not depend on the weights
-        f"data.urls={shards_dir}",
-        f"data.num_workers={workers}",
-        f"data.images_per_batch={s.clip_batch}",
+        *_model_overrides(s, shards_dir, workers),
+        *extra,
         # The smallest mixer refills on every step, so each logged step includes its data cost.
         f"data.mix_buffer_tokens={2 * s.sae_batch}",
         f"sae.n_latents={s.n_latents}",
@@ -163,6 +164,44 @@ def end_to_end(s: Setting, shards_dir: Path, out: Path, device: str, workers: in
     }
 
 
+def _model_overrides(s: Setting, shards_dir: Path, workers: int) -> list[str]:
+    return [
+        f"model.name={s.model}",
+        "model.pretrained=null",  # throughput does not depend on the weights
+        f"data.urls={shards_dir}",
+        f"data.num_workers={workers}",
+        f"data.images_per_batch={s.clip_batch}",
+    ]
+
+
+def cache_rates(s: Setting, shards_dir: Path, tmp: Path, device: str, workers: int) -> dict:
+    """Write the images' activations to a cache, time one read of it, train from it."""
+    from patchsae.data.cache import ActivationCache, CachedStream
+    from patchsae.data.cache_writer import CacheOptions, build_cache
+    from patchsae.data.mixer import TokenMixer
+
+    folder = tmp / f"cache-{s.name}"
+    cfg = load_config(ROOT / "configs" / "demo.yaml", _model_overrides(s, shards_dir, workers))
+    build_cache(cfg, CacheOptions(out=str(folder), shard_images=64, device=device))
+    cache = ActivationCache.open(folder)
+    stream = CachedStream(
+        cache, TokenMixer(2, 0), units_per_read=s.clip_batch, shuffle_shards=True,
+        shuffle_units=True, seed=0, device=device,
+    )  # fmt: skip
+    shard_ids, unit_ids = stream.epoch_order(0)
+    start = time.perf_counter()
+    for i in range(0, len(unit_ids), s.clip_batch):
+        stream.read_units(shard_ids[i : i + s.clip_batch], unit_ids[i : i + s.clip_batch])
+    read = len(unit_ids) / (time.perf_counter() - start)
+    extra = ("data.source=cache", f"data.cache={folder}")
+    e2e = end_to_end(s, shards_dir, tmp / f"run-cache-{s.name}", device, workers, extra)
+    return {
+        "cache img/s": read,
+        "cache train tok/s": e2e["perf/tokens_per_s"],
+        "cache data-wait": e2e["perf/data_wait_frac"],
+    }
+
+
 def bench(s: Setting, device: str, workers: int, tmp: Path) -> dict:
     shards_dir = tmp / f"shards-{s.name}"
     n_images = max(s.images, 200)
@@ -193,6 +232,7 @@ def bench(s: Setting, device: str, workers: int, tmp: Path) -> dict:
             "data-wait": e2e["perf/data_wait_frac"],
         }
     )
+    row.update(cache_rates(s, shards_dir, tmp, device, workers))
     return row
 
 
