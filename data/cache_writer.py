@@ -200,6 +200,8 @@ def build_cache(cfg: Config, options: CacheOptions) -> Path | None:
     """Write (or finish) the cache of ``cfg``'s model and shards into ``options.out``; returns
     the folder on rank 0 once complete (None elsewhere, or when stopped by ``max_batches``)."""
     out = Path(options.out)
+    layer = check_model(cfg.model)
+    dist = Distributed.from_env(DistributedConfig(), options.device)
     if (out / META).is_file():
         raise CacheError(
             f"{out} already holds a complete cache; train from it with data.source=cache "
@@ -210,9 +212,8 @@ def build_cache(cfg: Config, options: CacheOptions) -> Path | None:
             f"--out {out} is a folder with other files and no unfinished cache; choose a new "
             "or empty folder"
         )
-    layer = check_model(cfg.model)
-    dist = Distributed.from_env(DistributedConfig(), options.device)
-    out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()  # every rank has checked the folder before any writes into it
+    (out / PROGRESS).mkdir(parents=True, exist_ok=True)  # marks the folder as unfinished
     share = _RankPass(cfg, options, dist, layer)
     share.restore()
     if share.written:
