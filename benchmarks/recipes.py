@@ -176,7 +176,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     synthetic = Synthetic()
     names = args.only.split(",") if args.only else list(RECIPES)
-    results = {n: train_ours(n, RECIPES[n], synthetic, args) for n in names if n in RECIPES}
+    results = {}
+    for name in (n for n in names if n in RECIPES):
+        results[name] = train_ours(name, RECIPES[name], synthetic, args)
+        rate = args.steps * args.batch / results[name]["seconds"]
+        print(f"trained {name}: {rate:,.0f} tok/s", file=sys.stderr, flush=True)
     if not args.no_saelens:
         with tempfile.TemporaryDirectory() as tmp:
             results |= train_saelens(synthetic, args, Path(tmp))
