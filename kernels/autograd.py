@@ -271,14 +271,26 @@ def _ghost_term(
     mse_norm: str,
 ) -> Tensor:
     """The reference ghost term restricted to the M masked latents (eager, autograd)."""
-    # The masked latents' indices without another sync: a stable sort puts them first.
-    latents_M = torch.sort(ghost_mask_F.logical_not().to(torch.uint8), stable=True).indices
-    latents_M = latents_M[:n_masked]
-    pre_NM = (x_ND - b_dec_D) @ W_enc_DF[:, latents_M] + b_enc_F[latents_M]
+    latents_M, pre_NM = masked_pre(x_ND, W_enc_DF, b_enc_F, b_dec_D, ghost_mask_F, n_masked)
     x_hat_ND = x_hat_ND.detach()
     err_ND = squared_error(x_hat_ND, x_ND.detach(), mse_norm)
     mask_M = torch.ones(n_masked, dtype=torch.bool, device=x_ND.device)
     return ghost_loss(x_ND, x_hat_ND, pre_NM, W_dec_FD[latents_M], mask_M, err_ND, mse_norm)
+
+
+def masked_pre(
+    x_ND: Tensor,
+    W_enc_DF: Tensor,
+    b_enc_F: Tensor,
+    b_dec_D: Tensor,
+    mask_F: Tensor,
+    n_masked: int,
+) -> tuple[Tensor, Tensor]:
+    """The ``n_masked`` latents of ``mask_F`` in index order (a stable sort puts them first:
+    no other sync) and their pre-activations ``[N, M]``, with autograd, for the eager terms on
+    silent latents (ghost grads, AuxK)."""
+    latents_M = torch.sort(mask_F.logical_not().to(torch.uint8), stable=True).indices[:n_masked]
+    return latents_M, (x_ND - b_dec_D) @ W_enc_DF[:, latents_M] + b_enc_F[latents_M]
 
 
 def token_weights(x_ND: Tensor, mse_norm: str) -> Tensor:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 from patchsae.kernels import triton_kernels as tk
-from patchsae.kernels.autograd import StepInfo, sae_backward, token_weights
+from patchsae.kernels.autograd import StepInfo, masked_pre, sae_backward, token_weights
 from patchsae.kernels.reference import MSE_NORMS, SAEOutput, activate, auxk_loss
 from torch import Tensor
 
@@ -119,11 +119,9 @@ def triton_topk_loss(
     if ghost_mask_F is not None:
         info.ghost_latents = int(ghost_mask_F.sum())
         if info.ghost_latents:
-            # The dead latents in index order (a stable sort puts them first), as the
-            # reference's tie rule expects.
-            dead_M = torch.sort(ghost_mask_F.logical_not().to(torch.uint8), stable=True).indices
-            dead_M = dead_M[: info.ghost_latents]
-            pre_NM = (x_ND - b_dec_D) @ W_enc_DF[:, dead_M] + b_enc_F[dead_M]
+            dead_M, pre_NM = masked_pre(  # in index order, as the reference's tie rule needs
+                x_ND, W_enc_DF, b_enc_F, b_dec_D, ghost_mask_F, info.ghost_latents
+            )
             every_M = torch.ones(len(dead_M), dtype=torch.bool, device=x_ND.device)
             aux = aux_coeff * auxk_loss(x_ND, x_hat_ND, pre_NM, W_dec_FD[dead_M], every_M, aux_k)
     return SAEOutput(mse + aux, mse, zero, aux, f_NF, x_hat_ND), info

@@ -213,7 +213,11 @@ class Trainer:
         if self.ckpt_path is not None:
             self._check_resumable(self.ckpt_path)
         self.stream = shared.stream if shared else build_stream(cfg, self.dist, self.layer)
-        self.plan = shared.plan if shared else self.make_plan(cfg, self.stream, self.dist)
+        self.plan = (
+            shared.plan
+            if shared
+            else Plan.make(cfg, self.stream.tokens_per_image, self.dist.world_size)
+        )
         self.keep_checkpoints: int | None = cfg.train.keep_checkpoints
         """Checkpoints kept after each save; None: no pruning (a sweep prunes its members)."""
         self._build_sae(shared.sample if shared else None)
@@ -224,10 +228,6 @@ class Trainer:
         self.tracker = self._build_tracker()
 
     # -- builders ----------------------------------------------------------------------------
-
-    @staticmethod
-    def make_plan(cfg: Config, stream: TokenStream | CachedStream, dist: Distributed) -> Plan:
-        return Plan.make(cfg, stream.tokens_per_image, dist.world_size)
 
     def _build_sae(self, sample: Tensor | None) -> None:
         """The SAE (seeded; initialised from ``sample``, or from tokens drawn now, on a fresh

@@ -37,6 +37,7 @@ from patchsae.trainer.config import Config, check_model, member_configs
 from patchsae.trainer.distributed import Distributed
 from patchsae.trainer.inputs import build_stream, init_sample, needs_weights
 from patchsae.trainer.loop import (
+    Plan,
     Shared,
     StopRequest,
     Trainer,
@@ -174,7 +175,7 @@ def train_sweep(cfg: Config, resume: str | None = None) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     layer = check_model(cfg.model, weights=needs_weights(cfg))
     stream = build_stream(cfg, dist, layer)
-    plan = Trainer.make_plan(cfg, stream, dist)
+    plan = Plan.make(cfg, stream.tokens_per_image, dist.world_size)
     sample = init_sample(stream, cfg) if step is None else None
     shared = Shared(stop, dist, stream, plan, sample)
     parent = _Parent(cfg, root, uri, dist.is_main)
