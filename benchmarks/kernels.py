@@ -10,7 +10,9 @@ gives the dense encoder kernel alone against cuBLAS for the same GEMM.
 
     python benchmarks/kernels.py                  # GPU: d 768; n 49,152, 2^18, 2^20;
                                                   # 4,096 tokens; bf16; L0 32, 150, 1,000
-    python benchmarks/kernels.py --device cpu     # CPU: eager and compile only, small sizes
+    python benchmarks/kernels.py --device cpu     # CPU: eager, compile and the CPU path
+                                                  # (kernels.cpu) dense and sparse; d 256,
+                                                  # n 4,096 and 16,384; 4,096 tokens; fp32
     TRITON_INTERPRET=1 python benchmarks/kernels.py --device cpu --interpret
                                                   # CPU smoke run of the Triton columns
 
@@ -34,11 +36,13 @@ import torch  # noqa: E402
 from patchsae.kernels.reference import sae_loss as eager_sae_loss  # noqa: E402
 
 COLUMNS = ("eager", "compile", "triton dense", "triton sparse")
+CPU_COLUMNS = ("eager", "compile", "cpu dense", "cpu sparse")
 GPU_SIZES = {"d": 768, "tokens": 4096, "n": [49_152, 2**18, 2**20], "l0": [32, 150, 1000]}
-CPU_SIZES = {"d": 256, "tokens": 512, "n": [8192], "l0": [32, 150]}
+CPU_SIZES = {"d": 256, "tokens": 4096, "n": [4096, 16_384], "l0": [12, 64, 256]}
 TOPK_GPU = {"n": [49_152, 2**18], "k": [32, 64, 128]}
-TOPK_CPU = {"n": [8192], "k": [32]}
+TOPK_CPU = {"n": [4096, 16_384], "k": [12, 32]}
 TOPK_COLUMNS = ("eager", "compile", "triton")
+TOPK_CPU_COLUMNS = ("eager", "compile", "cpu")
 
 
 def make_inputs(tokens: int, d: int, n: int, l0: int, dtype: torch.dtype, device: str):
@@ -52,6 +56,16 @@ def make_inputs(tokens: int, d: int, n: int, l0: int, dtype: torch.dtype, device
     b_dec = torch.zeros(d, device=device)
     params = [t.to(dtype).requires_grad_() for t in (W_enc, b_enc, W_dec, b_dec)]
     return x.to(dtype), params
+
+
+def cpu_implementations() -> dict[str, Callable]:
+    """The CPU path (``kernels.cpu``) forced dense and forced sparse."""
+    from patchsae.kernels.cpu import cpu_sae_loss
+
+    def cpu_at(threshold: float):
+        return lambda *args, **kw: cpu_sae_loss(*args, sparse_threshold=threshold, **kw)[0]
+
+    return {"cpu dense": cpu_at(0.0), "cpu sparse": cpu_at(1.0)}
 
 
 def implementations(l0: int, n: int) -> dict[str, Callable]:
@@ -155,7 +169,7 @@ def main() -> None:
     dtype = torch.bfloat16 if gpu else torch.float32
     iters = args.iters or (20 if gpu else 3)
     warmup = 3 if gpu else 1
-    columns = COLUMNS if (gpu or args.interpret) else COLUMNS[:2]
+    columns = COLUMNS if (gpu or args.interpret) else CPU_COLUMNS
     timer = Timer(device)
     card = torch.cuda.get_device_name() if gpu else "CPU"
     torch.set_float32_matmul_precision("high" if gpu else "highest")
@@ -171,8 +185,7 @@ def main() -> None:
         for l0 in sizes["l0"]:
             x, params = make_inputs(sizes["tokens"], sizes["d"], n, l0, dtype, device)
             fns = {"eager": eager_sae_loss, "compile": compiled}
-            if len(columns) > 2:
-                fns.update(implementations(l0, n))
+            fns.update(implementations(l0, n) if columns == COLUMNS else cpu_implementations())
             with torch.no_grad():
                 measured_l0 = (eager_sae_loss(x, *params, l1_coeff=0).f_NF > 0).sum(1).float()
             res = {c: step_stats(fns[c], x, params, timer, device, warmup, iters) for c in columns}
@@ -197,7 +210,7 @@ def main() -> None:
             for metric, cells in rows.items():
                 print(f"{label} {metric} | " + " | ".join(cells) + " |")
             del x, params
-        if len(columns) > 2:
+        if columns == COLUMNS:
             encoder_rows.append(encoder_rate(timer, sizes, n, dtype, device, rate))
 
     if encoder_rows:
@@ -215,7 +228,7 @@ def main() -> None:
         topk,
         dtype,
         device,
-        TOPK_COLUMNS if len(columns) > 2 else TOPK_COLUMNS[:2],
+        TOPK_COLUMNS if columns == COLUMNS else TOPK_CPU_COLUMNS,
         warmup,
         iters,
     )
@@ -223,7 +236,7 @@ def main() -> None:
 
 def topk_table(timer, sizes, topk, dtype, device, columns, warmup, iters) -> None:
     """ms per step and peak memory of the topk architecture, per (n, k)."""
-    from patchsae.kernels.topk import triton_topk_loss
+    from patchsae.kernels.cpu import cpu_sae_loss
 
     print(f"\n# topk step on the same card, {str(dtype)[6:]}\n")
     print("| n | k | metric | " + " | ".join(columns) + " |")
@@ -235,7 +248,10 @@ def topk_table(timer, sizes, topk, dtype, device, columns, warmup, iters) -> Non
             fns = {
                 "eager": lambda *a, k=k, **kw: eager_sae_loss(*a, **kw, architecture="topk", k=k),
                 "compile": lambda *a, k=k, **kw: compiled(*a, **kw, architecture="topk", k=k),
-                "triton": lambda *a, k=k, **kw: triton_topk_loss(*a, architecture="topk", k=k)[0],
+                "triton": lambda *a, k=k, **kw: _triton_topk(*a, architecture="topk", k=k)[0],
+                "cpu": lambda *a, k=k, **kw: cpu_sae_loss(
+                    *a, architecture="topk", k=k, sparse_threshold=1.0
+                )[0],
             }
             res = {c: step_stats(fns[c], x, params, timer, device, warmup, iters) for c in columns}
             print(
@@ -249,6 +265,12 @@ def topk_table(timer, sizes, topk, dtype, device, columns, warmup, iters) -> Non
                 + " |"
             )
             del x, params
+
+
+def _triton_topk(*args, **kw):
+    from patchsae.kernels.topk import triton_topk_loss
+
+    return triton_topk_loss(*args, **kw)
 
 
 def encoder_rate(timer: Timer, sizes: dict, n: int, dtype, device: str, rate: float):

@@ -109,6 +109,46 @@ def train_ours(name: str, recipe: dict, synthetic: Synthetic, args: argparse.Nam
     }
 
 
+def train_plain(synthetic: Synthetic, args: argparse.Namespace) -> dict:
+    """The speed yardstick: ReLU + L1 (the ``paper`` recipe's weight) with unit decoder rows as
+    a bare PyTorch loop (autograd, ``torch.optim.Adam``), nothing else: no ghost grads, no
+    statistics, no checks."""
+    d, n = synthetic.d, args.latents
+    l1_coeff = RECIPES["paper"]["l1_coeff"]
+    torch.manual_seed(0)
+    W_enc = torch.nn.Parameter(torch.empty(d, n))
+    W_dec = torch.nn.Parameter(torch.empty(n, d))
+    torch.nn.init.kaiming_uniform_(W_enc.T, a=5**0.5)
+    torch.nn.init.kaiming_uniform_(W_dec.T, a=5**0.5)
+    b_enc, b_dec = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(d))
+    sample = synthetic.batch(EVAL_INDEX - 1, args.batch)
+    scale = d**0.5 / float(sample.norm(dim=-1).mean())
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        b_dec.copy_(sample.mean(dim=0) * scale)
+    opt = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=args.lr)
+    seconds = 0.0
+    for step in range(args.steps):
+        x = synthetic.batch(step, args.batch) * scale
+        start = time.perf_counter()
+        f = torch.relu((x - b_dec) @ W_enc + b_enc)
+        x_hat = f @ W_dec + b_dec
+        loss = (x_hat - x).pow(2).mean() + l1_coeff * f.sum(dim=-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        seconds += time.perf_counter() - start
+    tensors = {
+        "W_enc": W_enc * scale,
+        "b_enc": b_enc,
+        "W_dec": W_dec / scale,
+        "b_dec": b_dec / scale,
+    }
+    return {"tensors": {k: v.detach() for k, v in tensors.items()}, "seconds": seconds}
+
+
 def train_saelens(synthetic: Synthetic, args: argparse.Namespace, tmp: Path) -> dict[str, dict]:
     sys.path.insert(0, str(ROOT))
     from tests import saelens_venv
@@ -172,6 +212,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", default=None, help="comma-separated recipe names")
     p.add_argument("--no-saelens", action="store_true")
+    p.add_argument("--no-plain", action="store_true", help="skip the bare PyTorch loop")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     synthetic = Synthetic()
@@ -181,6 +222,8 @@ def main() -> None:
         results[name] = train_ours(name, RECIPES[name], synthetic, args)
         rate = args.steps * args.batch / results[name]["seconds"]
         print(f"trained {name}: {rate:,.0f} tok/s", file=sys.stderr, flush=True)
+    if not args.no_plain:
+        results["plain-pytorch"] = train_plain(synthetic, args)
     if not args.no_saelens:
         with tempfile.TemporaryDirectory() as tmp:
             results |= train_saelens(synthetic, args, Path(tmp))

@@ -47,11 +47,11 @@ sends its gradients to W_enc, b_enc, W_dec, b_dec and x and they add to the Func
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from patchsae.kernels import triton_kernels as tk
-from patchsae.kernels.reference import MSE_NORMS, SAEOutput, ghost_loss, squared_error
+from patchsae.kernels.common import StepInfo, silent_term, token_weights
+from patchsae.kernels.reference import MSE_NORMS, SAEOutput
 from torch import Tensor
 
 ROW_CAPACITY = 8
@@ -65,17 +65,6 @@ def sparse_capacity(threshold: float, n_latents: int) -> int:
         return 0
     slots = max(64, math.ceil(ROW_CAPACITY * threshold * n_latents))
     return min(n_latents, -(-slots // 16) * 16)
-
-
-@dataclass
-class StepInfo:
-    """What the forward measured and chose; filled in by ``SAELossFunction.forward``."""
-
-    sparse: bool = False
-    active: int | None = None
-    """Active (token, latent) entries of the batch (None when not measured)."""
-    max_row_active: int | None = None
-    ghost_latents: int = 0
 
 
 class SAELossFunction(torch.autograd.Function):
@@ -251,53 +240,12 @@ def triton_sae_loss(
         float(l1_coeff), mse_norm, bool(l1_decoder_norm), float(sparse_threshold), info,
     )  # fmt: skip
     mse, l1 = mse.to(x_ND.dtype), l1.to(x_ND.dtype)
-    if info.ghost_latents == 0 or ghost_mask_F is None:
+    if ghost_mask_F is None:
         aux = torch.zeros((), dtype=x_ND.dtype, device=x_ND.device)
     else:
-        aux = _ghost_term(x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, x_hat_ND, ghost_mask_F,
-                          info.ghost_latents, mse_norm)  # fmt: skip
+        aux = silent_term("relu", x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, x_hat_ND,
+                          ghost_mask_F, info.ghost_latents, mse_norm=mse_norm)  # fmt: skip
     return SAEOutput(mse + l1 + aux, mse, l1, aux, f_NF, x_hat_ND), info
-
-
-def _ghost_term(
-    x_ND: Tensor,
-    W_enc_DF: Tensor,
-    b_enc_F: Tensor,
-    W_dec_FD: Tensor,
-    b_dec_D: Tensor,
-    x_hat_ND: Tensor,
-    ghost_mask_F: Tensor,
-    n_masked: int,
-    mse_norm: str,
-) -> Tensor:
-    """The reference ghost term restricted to the M masked latents (eager, autograd)."""
-    latents_M, pre_NM = masked_pre(x_ND, W_enc_DF, b_enc_F, b_dec_D, ghost_mask_F, n_masked)
-    x_hat_ND = x_hat_ND.detach()
-    err_ND = squared_error(x_hat_ND, x_ND.detach(), mse_norm)
-    mask_M = torch.ones(n_masked, dtype=torch.bool, device=x_ND.device)
-    return ghost_loss(x_ND, x_hat_ND, pre_NM, W_dec_FD[latents_M], mask_M, err_ND, mse_norm)
-
-
-def masked_pre(
-    x_ND: Tensor,
-    W_enc_DF: Tensor,
-    b_enc_F: Tensor,
-    b_dec_D: Tensor,
-    mask_F: Tensor,
-    n_masked: int,
-) -> tuple[Tensor, Tensor]:
-    """The ``n_masked`` latents of ``mask_F`` in index order (a stable sort puts them first:
-    no other sync) and their pre-activations ``[N, M]``, with autograd, for the eager terms on
-    silent latents (ghost grads, AuxK)."""
-    latents_M = torch.sort(mask_F.logical_not().to(torch.uint8), stable=True).indices[:n_masked]
-    return latents_M, (x_ND - b_dec_D) @ W_enc_DF[:, latents_M] + b_enc_F[latents_M]
-
-
-def token_weights(x_ND: Tensor, mse_norm: str) -> Tensor:
-    """fp32 per-token weight of the squared error (``squared_error``'s normalisation)."""
-    if mse_norm == "token_norm":
-        return 1.0 / x_ND.float().norm(dim=1).clamp_min(1e-8)
-    return torch.ones(x_ND.shape[0], dtype=torch.float32, device=x_ND.device)
 
 
 def _scatter_sum(g_code_NK: Tensor, key_NK: Tensor, F: int) -> Tensor:

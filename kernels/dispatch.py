@@ -2,18 +2,21 @@
 
 ``PATCHSAE_KERNELS`` picks the implementation:
 
-- ``auto`` (default): the Triton kernels for CUDA tensors, the eager reference elsewhere;
+- ``auto`` (default): the Triton kernels for CUDA tensors, the CPU path (``kernels.cpu``) for
+  CPU tensors;
 - ``eager``: the reference (``kernels.reference``) everywhere;
 - ``triton``: the Triton kernels; on a host without a GPU only under Triton's interpreter
-  (``TRITON_INTERPRET=1`` set before Python starts; slow, for tests).
+  (``TRITON_INTERPRET=1`` set before Python starts; slow, for tests);
+- ``cpu``: the CPU path (CPU tensors only).
 
-Inputs the kernels do not take (float64, mixed dtypes or devices, bf16 in the interpreter,
-empty batches) run on the reference; ``stats.eager_fallbacks`` counts them.
+Inputs a path does not take (the Triton kernels: float64, mixed dtypes or devices, bf16 in the
+interpreter, empty batches, jumprelu; the CPU path: other than fp32/fp64, jumprelu) run on the
+reference; ``stats.eager_fallbacks`` counts them.
 
-On the Triton path each batch goes sparse when its measured density (active entries /
-(tokens * latents)) is at or below ``sparse_threshold()`` (``set_sparse_threshold`` or
-``PATCHSAE_SPARSE_THRESHOLD``; 0 turns the sparse path off); see ``kernels.autograd`` for the
-one host sync per step this costs and why.
+Both fast paths take each batch sparse when its measured density (active entries / (tokens *
+latents)) is at or below ``sparse_threshold(device)`` (``set_sparse_threshold`` or
+``PATCHSAE_SPARSE_THRESHOLD`` for both; else each device's default; 0 turns the sparse path
+off); see ``kernels.autograd`` for the one host sync per step this costs on a GPU and why.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from patchsae.kernels.reference import SAEOutput
 from patchsae.kernels.reference import sae_loss as eager_sae_loss
 from torch import Tensor
 
-KERNEL_CHOICES = ("auto", "eager", "triton")
+KERNEL_CHOICES = ("auto", "eager", "triton", "cpu")
 DEFAULT_SPARSE_THRESHOLD = 0.003
 """Break-even density on an H100 (bf16): the sparse path saves about 8 N D F FLOPs of dense
 GEMMs (about 1,000 TFLOP/s peak, ~600 reached) and spends about 8 N D L0 bytes of gathers
 (3.35 TB/s peak, ~2 TB/s reached), so it wins while L0 / F < ~2e12 / 6e14, about 0.3%
 (DESIGN.md). Re-measure with ``benchmarks/kernels.py`` on other cards."""
+DEFAULT_CPU_SPARSE_THRESHOLD = 0.03
+"""Break-even density of the CPU path (``kernels.cpu``) against its dense step, measured with
+``benchmarks/kernels.py`` on 2 cores at d = 256, 4,096 latents, 4,096 tokens."""
 
 _threshold_override: float | None = None
 _warned: set[str] = set()
@@ -70,13 +76,13 @@ def _choice() -> str:
 
 def kernel_path() -> str:
     """The implementation ``sae_loss`` runs, as logged to MLflow (param ``kernels/path``):
-    ``"triton"`` or ``"eager"``. ``auto`` reports ``"triton"`` when a GPU and Triton are there
-    (CPU tensors still run eager)."""
+    ``"triton"``, ``"cpu"`` or ``"eager"``. ``auto`` reports ``"triton"`` when a GPU and Triton
+    are there (CPU tensors still run the CPU path), else ``"cpu"``."""
     choice = _choice()
-    if choice == "eager":
-        return "eager"
+    if choice in ("eager", "cpu"):
+        return choice
     if choice == "auto":
-        return "triton" if torch.cuda.is_available() and _triton_importable() else "eager"
+        return "triton" if torch.cuda.is_available() and _triton_importable() else "cpu"
     if not _triton_importable():
         raise RuntimeError("PATCHSAE_KERNELS=triton: triton is not installed; pip install triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -88,19 +94,21 @@ def kernel_path() -> str:
     return "triton"
 
 
-def sparse_threshold() -> float:
-    """The density at or below which a batch takes the sparse path (0: never)."""
+def sparse_threshold(device: str = "cuda") -> float:
+    """The density at or below which a batch takes the sparse path on ``device`` (a device type,
+    ``"cuda"`` or ``"cpu"``; 0: never)."""
     if _threshold_override is not None:
         return _threshold_override
     raw = os.environ.get("PATCHSAE_SPARSE_THRESHOLD", "").strip()
     if not raw:
-        return DEFAULT_SPARSE_THRESHOLD
+        return DEFAULT_CPU_SPARSE_THRESHOLD if device == "cpu" else DEFAULT_SPARSE_THRESHOLD
     try:
         return _valid_threshold(float(raw))
     except ValueError:
         raise ValueError(
             f"PATCHSAE_SPARSE_THRESHOLD={raw!r} is not valid; use a density in [0, 1] "
-            f"(0 turns the sparse path off; default {DEFAULT_SPARSE_THRESHOLD})"
+            f"(0 turns the sparse path off; default {DEFAULT_SPARSE_THRESHOLD} on a GPU, "
+            f"{DEFAULT_CPU_SPARSE_THRESHOLD} on a CPU)"
         ) from None
 
 
@@ -171,12 +179,32 @@ def sae_loss(
             )
             stats.sparse_steps += info.sparse
             return out
-        stats.eager_fallbacks += 1
-        if reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(
-                f"Triton SAE kernels: {reason}; running the eager reference", stacklevel=2
+        _fall_back(f"Triton SAE kernels: {reason}")
+    elif choice == "cpu" or (choice == "auto" and x_ND.device.type == "cpu"):
+        from patchsae.kernels import cpu
+
+        if cpu.supports(tensors, architecture):
+            out, info = cpu.cpu_sae_loss(
+                *tensors,
+                architecture=architecture,
+                l1_coeff=l1_coeff,
+                mse_norm=mse_norm,
+                l1_decoder_norm=l1_decoder_norm,
+                ghost_mask_F=ghost_mask_F,
+                k=options.get("k", 0),
+                aux_k=options.get("aux_k", 0),
+                aux_coeff=options.get("aux_coeff", 0.0),
+                sparse_threshold=sparse_threshold("cpu"),
             )
+            stats.sparse_steps += info.sparse
+            return out
+        if choice == "cpu":
+            _fall_back(
+                f"CPU SAE path: {architecture} on {x_ND.dtype} {x_ND.device.type} tensors "
+                f"(it takes {list(cpu.CPU_ARCHITECTURES)} on fp32/fp64 CPU tensors)"
+            )
+        else:
+            stats.eager_fallbacks += 1
     return eager_sae_loss(
         *tensors,
         l1_coeff=l1_coeff,
@@ -187,6 +215,13 @@ def sae_loss(
         ghost_index_G=ghost_index_G,
         **options,
     )
+
+
+def _fall_back(reason: str) -> None:
+    stats.eager_fallbacks += 1
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"{reason}; running the eager reference", stacklevel=3)
 
 
 def _unsupported(tensors: tuple[Tensor, ...]) -> str | None:

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 from patchsae.kernels import triton_kernels as tk
-from patchsae.kernels.autograd import StepInfo, masked_pre, sae_backward, token_weights
-from patchsae.kernels.reference import MSE_NORMS, SAEOutput, activate, auxk_loss
+from patchsae.kernels.autograd import sae_backward
+from patchsae.kernels.common import StepInfo, silent_term, token_weights
+from patchsae.kernels.reference import MSE_NORMS, SAEOutput, activate
 from torch import Tensor
 
 SPARSE_ARCHITECTURES = ("topk", "batchtopk")
@@ -118,10 +119,6 @@ def triton_topk_loss(
     aux = zero
     if ghost_mask_F is not None:
         info.ghost_latents = int(ghost_mask_F.sum())
-        if info.ghost_latents:
-            dead_M, pre_NM = masked_pre(  # in index order, as the reference's tie rule needs
-                x_ND, W_enc_DF, b_enc_F, b_dec_D, ghost_mask_F, info.ghost_latents
-            )
-            every_M = torch.ones(len(dead_M), dtype=torch.bool, device=x_ND.device)
-            aux = aux_coeff * auxk_loss(x_ND, x_hat_ND, pre_NM, W_dec_FD[dead_M], every_M, aux_k)
+        aux = silent_term(architecture, x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, x_hat_ND,
+                          ghost_mask_F, info.ghost_latents, aux_k=aux_k, aux_coeff=aux_coeff)  # fmt: skip
     return SAEOutput(mse + aux, mse, zero, aux, f_NF, x_hat_ND), info

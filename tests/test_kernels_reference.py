@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from patchsae.kernels import kernel_path, sae_loss
-from patchsae.kernels.reference import sae_forward
+from patchsae.kernels import kernel_path
+from patchsae.kernels.reference import sae_forward, sae_loss
 
 
 def _tiny():

@@ -66,7 +66,7 @@ def test_demo_recipe_trains_to_target_and_logs_everything(tmp_path, demo_clip, d
         assert sorted(m.step for m in history) == [*range(10, steps, 10), steps], key
     assert run.data.params["train.lr"] == "0.003"
     assert run.data.params["model.name"] == "patchsae-demo-vit"
-    assert run.data.params["kernels/path"] == "eager"
+    assert run.data.params["kernels/path"] == "cpu"
 
     # The demo's operating point (README): sparse and few dense latents, at the FVU that
     # sparsity allows on this model.
@@ -448,7 +448,7 @@ def test_tracking_server_outage_loses_no_metric(tmp_path, demo_shards):
         assert "MLflow" in stderr  # the outage was reported, once, as a warning
         # The params and the artifacts reached the run as well (the export after the outage).
         assert run.data.params["train.total_tokens"] == str(steps * 1024)
-        assert run.data.params["kernels/path"] == "eager"
+        assert run.data.params["kernels/path"] == "cpu"
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         artifacts |= {a.path for a in client.list_artifacts(run_id, "sae")}
         assert {"config.yaml", "sae/sae.safetensors", "sae/cfg.json"} <= artifacts

@@ -299,7 +299,7 @@ def test_dispatch_settings_errors_and_fallbacks(monkeypatch):
     monkeypatch.setenv("PATCHSAE_KERNELS", "eager")
     assert kernels.kernel_path() == "eager"
     monkeypatch.setenv("PATCHSAE_KERNELS", "auto")
-    assert kernels.kernel_path() == ("triton" if torch.cuda.is_available() else "eager")
+    assert kernels.kernel_path() == ("triton" if torch.cuda.is_available() else "cpu")
     monkeypatch.setenv("PATCHSAE_KERNELS", "triton")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")

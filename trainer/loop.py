@@ -152,7 +152,9 @@ def train_step(
     engine.backward(out.loss)
     with torch.no_grad():
         bad = ~torch.isfinite(out.loss.detach())
-        packed = dist.all_reduce_sum(torch.cat([(out.f_NF > 0).sum(dim=0), bad.reshape(1)]))
+        # int32 partial sums: several times faster than int64 down the token axis on a CPU
+        fired_F = (out.f_NF > 0).sum(dim=0, dtype=torch.int32).long()
+        packed = dist.all_reduce_sum(torch.cat([fired_F, bad.reshape(1)]))
         fired_F, skipped = packed[:-1], engine.step(packed[-1] > 0)
         stats.update(fired_F, batch_tokens, keep=~skipped)
         if sae_cfg.architecture == "batchtopk":  # the smallest kept activation over all ranks

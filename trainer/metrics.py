@@ -131,7 +131,7 @@ class MetricSums:
                 out.mse.detach().double() * n,
                 out.l1.detach().double() * n,
                 out.aux.detach().double() * n,
-                (out.f_NF > 0).sum().double(),
+                torch.count_nonzero(out.f_NF).double(),  # codes are >= 0: the active count
                 (x - out.x_hat_ND.detach().double()).pow(2).sum(),
                 x.pow(2).sum(),
                 torch.full((), float(n), dtype=torch.float64, device=x.device),  # no H2D sync

@@ -1,0 +1,260 @@
+"""The CPU path: the SAE loss as one ``torch.autograd.Function`` with hand-written gradients, in
+plain PyTorch, dense or exactly sparse per batch.
+
+Shape legend: N tokens, D model width, F latents, E active (token, latent) entries.
+
+Autograd on the reference keeps five or six ``[N, F]`` tensors alive per step (the
+pre-activations, the code, the L1 term's gradient, the ReLU mask, the code's gradient), and on a
+CPU each fresh ``[N, F]`` buffer costs page faults on top of its pass over memory. This
+Function allocates two: the code (written in place over the pre-activations; the trainer reads
+it) and, on the dense path, the code's gradient.
+
+Sparse or dense, per batch: after the activation the code is exactly sparse, and on a CPU a host
+sync is free, so the forward counts the active entries and goes sparse when the density is at
+or below ``sparse_threshold`` (``dispatch.sparse_threshold("cpu")``). The sparse path keeps the
+code as CSR and everything after the encoder GEMM scales with E instead of N x F::
+
+    x_hat   = code @ W_dec + b_dec                       CSR x dense
+    g_pre   = (g @ W_dec.T)[active] + l1 term            sampled dense product (SDDMM)
+    W_enc'  = (g_pre.T @ xc).T,  W_dec' = code.T @ g     CSR-transposed x dense
+    b_enc'  = per-latent sums of g_pre,  b_dec' = g.sum(0) - W_enc @ b_enc'
+
+The encoder GEMM ``(x - b_dec) @ W_enc + b_enc`` stays dense: it is what finds the active
+entries. ``relu``, ``topk`` and ``batchtopk`` run here (the selection is the reference's,
+ties included); ``jumprelu`` needs the pre-activations near its thresholds for their gradient
+and runs on the reference. Silent-latent terms (ghost grads, AuxK) run on the masked columns
+only (``kernels.common.silent_term``), exactly, since the mask's count costs nothing to read.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from patchsae.kernels.common import StepInfo, silent_term, token_weights
+from patchsae.kernels.reference import MSE_NORMS, SAEOutput, top_mask
+from torch import Tensor
+
+CPU_ARCHITECTURES = ("relu", "topk", "batchtopk")
+CPU_DTYPES = (torch.float32, torch.float64)
+
+
+class CPULossFunction(torch.autograd.Function):
+    """``(x, W_enc, b_enc, W_dec, b_dec) -> (mse, l1, f_NF, x_hat_ND)`` with hand-written
+    gradients for all four outputs; the silent-latent term is added outside."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        x_ND: Tensor,
+        W_enc_DF: Tensor,
+        b_enc_F: Tensor,
+        W_dec_FD: Tensor,
+        b_dec_D: Tensor,
+        architecture: str,
+        k: int,
+        l1_coeff: float,
+        mse_norm: str,
+        l1_decoder_norm: bool,
+        sparse_threshold: float,
+        info: StepInfo,
+    ):
+        N, D = x_ND.shape
+        F = W_enc_DF.shape[1]
+        xc_ND = x_ND - b_dec_D
+        f_NF = torch.addmm(b_enc_F, xc_ND, W_enc_DF)  # the pre-activations, then the code
+        if architecture == "topk":
+            keep_NF = top_mask(f_NF, k)
+            f_NF.relu_().mul_(keep_NF)
+            del keep_NF
+        else:
+            f_NF.relu_()
+            if architecture == "batchtopk":
+                f_NF.mul_(top_mask(f_NF, k, over_batch=True))
+        info.active = int(torch.count_nonzero(f_NF))
+        info.sparse = sparse_threshold > 0 and info.active <= sparse_threshold * N * F
+        code = _csr(f_NF) if info.sparse else None
+        x_hat_ND = torch.addmm(b_dec_D, code if code is not None else f_NF, W_dec_FD)
+
+        w_N = token_weights(x_ND, mse_norm).to(x_ND.dtype)
+        diff_ND = x_hat_ND - x_ND
+        sq_N = diff_ND.pow(2).sum(dim=1)
+        mse = (sq_N * w_N).sum() / (N * D)
+        s_F = W_dec_FD.norm(dim=1) if l1_decoder_norm and architecture == "relu" else None
+        colsum_F = None
+        if architecture != "relu":
+            l1 = torch.zeros((), dtype=x_ND.dtype)
+        elif code is not None:
+            values_E, cols_E = code.values(), code.col_indices()
+            l1 = (values_E * s_F[cols_E] if s_F is not None else values_E).sum()
+            if s_F is not None:
+                colsum_F = torch.zeros(F, dtype=x_ND.dtype).index_add_(0, cols_E, values_E)
+        else:
+            l1 = (f_NF @ s_F).sum() if s_F is not None else f_NF.sum()
+            if s_F is not None:
+                colsum_F = f_NF.sum(dim=0)
+        l1 = l1 * (l1_coeff / N)
+
+        seed_ND = diff_ND.mul_(w_N[:, None] * (2.0 / (N * D)))  # d mse / d x_hat
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x_ND, xc_ND, W_enc_DF, W_dec_FD, f_NF, seed_ND, sq_N, s_F, colsum_F)
+        ctx.code = code
+        ctx.l1 = architecture == "relu"
+        ctx.l1_coeff, ctx.mse_norm = l1_coeff, mse_norm
+        return mse, l1, f_NF, x_hat_ND
+
+    @staticmethod
+    def backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND):
+        x_ND, xc_ND, W_enc_DF, W_dec_FD, f_NF, seed_ND, sq_N, s_F, colsum_F = ctx.saved_tensors
+        code: Tensor | None = ctx.code
+        need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
+        N, D = x_ND.shape
+        F = W_enc_DF.shape[1]
+        zero = torch.zeros((), dtype=x_ND.dtype)
+        g_mse = zero if g_mse is None else g_mse
+        g_ND = seed_ND * g_mse  # d loss / d x_hat
+        if g_x_hat_ND is not None:
+            g_ND = g_ND + g_x_hat_ND
+        l1_scale = (zero if g_l1 is None else g_l1) * (ctx.l1_coeff / N) if ctx.l1 else None
+        need_pre = need_x or need_W_enc or need_b_enc or need_b_dec
+
+        grad_W_enc = grad_W_dec = g_b_enc_F = g_pre = None
+        if code is not None:
+            rows_E = _rows(code)
+            cols_E = code.col_indices()
+            if need_pre:
+                g_code_E = _sampled_matmul(code, g_ND, W_dec_FD.T)
+                if l1_scale is not None:
+                    g_code_E += l1_scale * s_F[cols_E] if s_F is not None else l1_scale
+                if g_f_NF is not None:
+                    g_code_E += g_f_NF[rows_E, cols_E]
+                g_pre = _csr_like(code, g_code_E)
+                g_b_enc_F = torch.zeros(F, dtype=x_ND.dtype).index_add_(0, cols_E, g_code_E)
+                if need_W_enc:
+                    grad_W_enc = _t_matmul(g_pre, xc_ND).T
+            if need_W_dec:
+                grad_W_dec = _t_matmul(code, g_ND)
+        else:
+            if need_pre:
+                g_pre = g_ND @ W_dec_FD.T
+                if l1_scale is not None:
+                    g_pre += l1_scale * s_F if s_F is not None else l1_scale
+                if g_f_NF is not None:
+                    g_pre += g_f_NF
+                g_pre.masked_fill_(f_NF <= 0, 0.0)
+                g_b_enc_F = g_pre.sum(dim=0)
+                if need_W_enc:
+                    grad_W_enc = xc_ND.T @ g_pre
+            if need_W_dec:
+                grad_W_dec = f_NF.T @ g_ND
+
+        if need_W_dec and s_F is not None:
+            # d l1 / d W_dec[f] = l1_scale * sum_n f[n, f] * W_dec[f] / |W_dec[f]|
+            assert l1_scale is not None and colsum_F is not None
+            coef_F = l1_scale * torch.where(s_F > 0, colsum_F / s_F, 0.0)
+            grad_W_dec = grad_W_dec + coef_F[:, None] * W_dec_FD
+        grad_b_dec = grad_x = None
+        if need_b_dec:
+            grad_b_dec = g_ND.sum(dim=0) - W_enc_DF @ g_b_enc_F
+        if need_x:
+            grad_x = torch.mm(g_pre, W_enc_DF.T) - g_mse * seed_ND
+            if ctx.mse_norm == "token_norm":
+                norm_N = x_ND.norm(dim=1)
+                coef_N = torch.where(norm_N > 1e-8, sq_N / norm_N.pow(3), 0.0) / (N * D)
+                grad_x = grad_x - g_mse * coef_N[:, None] * x_ND
+        return (
+            grad_x,
+            grad_W_enc,
+            g_b_enc_F if need_b_enc else None,
+            grad_W_dec,
+            grad_b_dec,
+            *([None] * 7),
+        )
+
+
+def _csr(f_NF: Tensor) -> Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return f_NF.to_sparse_csr()
+
+
+def _csr_like(code: Tensor, values_E: Tensor) -> Tensor:
+    """A CSR tensor with ``code``'s pattern and these values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(
+            code.crow_indices(), code.col_indices(), values_E, code.shape, check_invariants=False
+        )
+
+
+def _sampled_matmul(code: Tensor, a_ND: Tensor, b_DF: Tensor) -> Tensor:
+    """``(a @ b)`` at ``code``'s stored entries, in its order ([E])."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.sampled_addmm(code, a_ND, b_DF, beta=0.0).values()
+
+
+def _rows(code: Tensor) -> Tensor:
+    """The row of each stored entry of a CSR tensor."""
+    crow = code.crow_indices()
+    counts = crow[1:] - crow[:-1]
+    return torch.repeat_interleave(torch.arange(code.shape[0], dtype=crow.dtype), counts)
+
+
+def _t_matmul(code: Tensor, dense_ND: Tensor) -> Tensor:
+    """``code.T @ dense`` ([F, D]) for a CSR ``code`` [N, F]."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse.mm(code.t(), dense_ND)
+
+
+def supports(tensors: tuple[Tensor, ...], architecture: str) -> bool:
+    """Whether the CPU path takes these inputs (else the reference runs)."""
+    x = tensors[0]
+    return (
+        architecture in CPU_ARCHITECTURES
+        and x.dtype in CPU_DTYPES
+        and all(t.dtype == x.dtype and t.device.type == "cpu" for t in tensors)
+        and x.dim() == 2
+        and 0 not in (*x.shape, tensors[1].shape[1])
+    )
+
+
+def cpu_sae_loss(
+    x_ND: Tensor,
+    W_enc_DF: Tensor,
+    b_enc_F: Tensor,
+    W_dec_FD: Tensor,
+    b_dec_D: Tensor,
+    *,
+    architecture: str = "relu",
+    l1_coeff: float = 0.0,
+    mse_norm: str = "none",
+    l1_decoder_norm: bool = False,
+    ghost_mask_F: Tensor | None = None,
+    k: int = 0,
+    aux_k: int = 0,
+    aux_coeff: float = 0.0,
+    sparse_threshold: float = 0.0,
+) -> tuple[SAEOutput, StepInfo]:
+    """``kernels.reference.sae_loss`` for ``relu``, ``topk`` and ``batchtopk`` on a CPU; also
+    returns what the step chose. ``sparse_threshold``: the largest density run sparse."""
+    if mse_norm not in MSE_NORMS:
+        raise ValueError(f"unknown mse_norm {mse_norm!r}; use one of {list(MSE_NORMS)}")
+    if architecture not in CPU_ARCHITECTURES:
+        raise ValueError(f"architecture {architecture!r}: use one of {CPU_ARCHITECTURES}")
+    x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D = (
+        t.contiguous() for t in (x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D)
+    )
+    info = StepInfo()
+    mse, l1, f_NF, x_hat_ND = CPULossFunction.apply(
+        x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, architecture, int(k), float(l1_coeff),
+        mse_norm, bool(l1_decoder_norm), float(sparse_threshold), info,
+    )  # fmt: skip
+    aux = torch.zeros((), dtype=x_ND.dtype)
+    if ghost_mask_F is not None:
+        info.ghost_latents = int(ghost_mask_F.sum())
+        aux = silent_term(architecture, x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, x_hat_ND,
+                          ghost_mask_F, info.ghost_latents, mse_norm=mse_norm, aux_k=aux_k,
+                          aux_coeff=aux_coeff)  # fmt: skip
+    return SAEOutput(mse + l1 + aux, mse, l1, aux, f_NF, x_hat_ND), info
