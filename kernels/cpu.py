@@ -70,7 +70,7 @@ class CPULossFunction(torch.autograd.Function):
         else:
             f_NF.relu_()
             if architecture == "batchtopk":
-                f_NF.mul_(top_mask(f_NF, k, over_batch=True))
+                _keep_batch_top_(f_NF, k)
         info.active = int(torch.count_nonzero(f_NF))
         info.sparse = sparse_threshold > 0 and info.active <= sparse_threshold * N * F
         code = _csr(f_NF) if info.sparse else None
@@ -170,6 +170,23 @@ class CPULossFunction(torch.autograd.Function):
             grad_b_dec,
             *([None] * 7),
         )
+
+
+def _keep_batch_top_(f_NF: Tensor, k: int) -> None:
+    """In place: zero all but the ``k * N`` largest entries of a ReLU'd code (``top_mask``'s
+    selection over the batch, its tie rule included). Only the positive entries are ranked:
+    the rest are 0 whether selected or not."""
+    keep = k * f_NF.shape[0]
+    flat = f_NF.view(-1)
+    positive = flat[flat > 0]
+    if len(positive) <= keep:
+        return
+    kth = positive.topk(keep, sorted=False).values.min()
+    above = int((positive > kth).sum())
+    flat.masked_fill_(flat < kth, 0.0)
+    if above + int((positive == kth).sum()) > keep:  # ties at the k-th value: lower index wins
+        tied = (flat == kth).nonzero().flatten()
+        flat[tied[keep - above :]] = 0.0
 
 
 def _csr(f_NF: Tensor) -> Tensor:

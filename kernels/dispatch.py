@@ -38,8 +38,9 @@ GEMMs (about 1,000 TFLOP/s peak, ~600 reached) and spends about 8 N D L0 bytes o
 (3.35 TB/s peak, ~2 TB/s reached), so it wins while L0 / F < ~2e12 / 6e14, about 0.3%
 (DESIGN.md). Re-measure with ``benchmarks/kernels.py`` on other cards."""
 DEFAULT_CPU_SPARSE_THRESHOLD = 0.03
-"""Break-even density of the CPU path (``kernels.cpu``) against its dense step, measured with
-``benchmarks/kernels.py`` on 2 cores at d = 256, 4,096 latents, 4,096 tokens."""
+"""Density below which the CPU path (``kernels.cpu``) goes sparse: half its break-even against
+its own dense step (about 6% at d = 256, 4,096 latents, 4,096 tokens on 2 cores, where the sparse
+step at L0 12 is 3x faster than the dense one; ``benchmarks/kernels.py --device cpu``)."""
 
 _threshold_override: float | None = None
 _warned: set[str] = set()

@@ -57,7 +57,7 @@ def top_mask(values_NF: Tensor, k: int, *, over_batch: bool = False) -> Tensor:
     keep = min(k * values_NF.shape[0] if over_batch else k, v.shape[1])
     if keep <= 0:
         return torch.zeros_like(values_NF, dtype=torch.bool)
-    if v.device.type == "cpu":
+    if v.device.type == "cpu" and not over_batch:
         return _top_mask_cpu(v, keep).reshape(values_NF.shape)
     return _top_mask_rule(v, keep).reshape(values_NF.shape)
 

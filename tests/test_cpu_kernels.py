@@ -247,3 +247,21 @@ def test_short_training_run_matches_eager(monkeypatch, architecture, threshold):
     assert kernels.stats.sparse_steps == (6 if threshold else 0)
     assert cpu == pytest.approx(eager, rel=1e-5, abs=1e-7)
     assert max(cpu[3::4]) > 0  # the ghost / AuxK term was on
+
+
+@pytest.mark.parametrize("levels", [3, 1000], ids=["many-ties", "few-ties"])
+def test_cpu_selections_follow_the_tie_rule(seed, levels):
+    """On a CPU ``top_mask`` keeps ``topk``'s choice where no left-out entry ties the k-th value
+    and the batch selection ranks only positive entries; both must equal the rule (the lower
+    row-major index wins among equal values) with ties common and rare."""
+    from patchsae.kernels.cpu import _keep_batch_top_
+    from patchsae.kernels.reference import _top_mask_rule, top_mask
+
+    values_NF = torch.randint(-levels, levels, (37, 101)).float()
+    assert torch.equal(top_mask(values_NF, 7), _top_mask_rule(values_NF, 7))
+    code_NF = values_NF.relu()
+    kept_NF = code_NF.clone()
+    _keep_batch_top_(kept_NF, 7)
+    want_NF = code_NF * _top_mask_rule(code_NF.reshape(1, -1), 7 * 37).reshape(37, 101)
+    assert torch.equal(kept_NF, want_NF)
+    assert int((kept_NF > 0).sum()) == min(7 * 37, int((code_NF > 0).sum()))
