@@ -1,5 +1,5 @@
-"""SAE math: the eager reference (the specification), the Triton kernels and the dispatching
-entry point."""
+"""SAE math: the eager reference (the specification), the Triton kernels, the CPU path and the
+dispatching entry point."""
 
 from patchsae.kernels.dispatch import (
     kernel_path,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 
 # Before anything imports triton, open_clip or mlflow.
@@ -15,6 +16,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(2)
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh torch seed per test, printed (pytest shows it when the test fails)."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    print(f"torch seed: {value}")
+    return value
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ on the dense and the sparse code, for relu, topk and batchtopk, and through the 
 
 from __future__ import annotations
 
-import random
 import warnings
 
 import pytest
@@ -29,14 +28,6 @@ def _reset():
     previous = dispatch.set_sparse_threshold(None)
     yield
     dispatch.set_sparse_threshold(previous)
-
-
-@pytest.fixture
-def seed() -> int:
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    print(f"torch seed: {value}")
-    return value
 
 
 def make_inputs(density: float, dtype=torch.float32, n=53, d=19, f=71, tied=False):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 
 import pytest
 import torch
@@ -54,14 +53,6 @@ def _poison_and_reset():
     with tk.poisoned_outputs():
         yield
     dispatch.set_sparse_threshold(previous)
-
-
-@pytest.fixture
-def seed() -> int:
-    value = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(value)
-    print(f"torch seed: {value}")  # shown by pytest when the test fails
-    return value
 
 
 def make_inputs(density: float, dtype=torch.float32, n=N, d=D, f=F) -> dict[str, torch.Tensor]:
