@@ -237,6 +237,7 @@ def supports(tensors: tuple[Tensor, ...], architecture: str) -> bool:
     )
 
 
+@torch.compiler.disable  # reads counts back to the host: no graph to capture
 def cpu_sae_loss(
     x_ND: Tensor,
     W_enc_DF: Tensor,
