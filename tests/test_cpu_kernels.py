@@ -240,19 +240,22 @@ def test_short_training_run_matches_eager(monkeypatch, architecture, threshold):
     assert max(cpu[3::4]) > 0  # the ghost / AuxK term was on
 
 
+@pytest.mark.parametrize("n,f", [(37, 101), (700, 300)], ids=["small", "sampled-cut"])
 @pytest.mark.parametrize("levels", [3, 1000], ids=["many-ties", "few-ties"])
-def test_cpu_selections_follow_the_tie_rule(seed, levels):
+def test_cpu_selections_follow_the_tie_rule(seed, levels, n, f):
     """On a CPU ``top_mask`` keeps ``topk``'s choice where no left-out entry ties the k-th value
-    and the batch selection ranks only positive entries; both must equal the rule (the lower
-    row-major index wins among equal values) with ties common and rare."""
+    and the batch selection ranks only the entries above a cut from a strided sample (at 700 x
+    300; all positive ones at the small size); both must equal the rule (the lower row-major
+    index wins among equal values) with ties common and rare."""
     from patchsae.kernels.cpu import _keep_batch_top_
     from patchsae.kernels.reference import _top_mask_rule, top_mask
 
-    values_NF = torch.randint(-levels, levels, (37, 101)).float()
+    values_NF = torch.randint(-levels, levels, (n, f)).float()
+    values_NF += torch.rand(n, f) * (levels > 3)  # few ties: mostly distinct values
     assert torch.equal(top_mask(values_NF, 7), _top_mask_rule(values_NF, 7))
     code_NF = values_NF.relu()
     kept_NF = code_NF.clone()
     _keep_batch_top_(kept_NF, 7)
-    want_NF = code_NF * _top_mask_rule(code_NF.reshape(1, -1), 7 * 37).reshape(37, 101)
+    want_NF = code_NF * _top_mask_rule(code_NF.reshape(1, -1), 7 * n).reshape(n, f)
     assert torch.equal(kept_NF, want_NF)
-    assert int((kept_NF > 0).sum()) == min(7 * 37, int((code_NF > 0).sum()))
+    assert int((kept_NF > 0).sum()) == min(7 * n, int((code_NF > 0).sum()))
