@@ -50,8 +50,14 @@ import math
 
 import torch
 from patchsae.kernels import triton_kernels as tk
-from patchsae.kernels.common import StepInfo, silent_term, token_weights
-from patchsae.kernels.reference import MSE_NORMS, SAEOutput
+from patchsae.kernels.common import (
+    StepInfo,
+    decoder_norm_l1_grad,
+    silent_term,
+    token_norm_x_grad,
+    token_weights,
+)
+from patchsae.kernels.reference import SAEOutput, check_mse_norm
 from torch import Tensor
 
 ROW_CAPACITY = 8
@@ -186,10 +192,8 @@ def sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND) -> tuple[Tensor | None, .
             grad_W_dec = f_NF.to(gd).T @ g_op_ND
 
     if need_W_dec and s_F is not None:
-        # d l1 / d W_dec[f] = l1_scale * sum_n f[n, f] * W_dec[f] / |W_dec[f]|
-        coef_F = l1_scale * torch.where(s_F > 0, colsum_F / s_F, 0.0)
         assert grad_W_dec is not None  # both paths computed it (need_W_dec)
-        grad_W_dec = grad_W_dec.float() + coef_F[:, None] * W_dec_FD.float()
+        grad_W_dec = grad_W_dec.float() + decoder_norm_l1_grad(l1_scale, colsum_F, s_F, W_dec_FD)
     grad_b_dec = grad_x = None
     if need_b_dec:
         assert g_b_enc_F is not None  # both paths compute it when b_dec needs a gradient
@@ -197,9 +201,7 @@ def sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND) -> tuple[Tensor | None, .
     if need_x:
         grad_x = (g_pre_NF @ W_enc_DF.to(gd).T).float() - g_mse * seed_ND
         if ctx.mse_norm == "token_norm":
-            norm_N = x_ND.float().norm(dim=1)
-            coef_N = torch.where(norm_N > 1e-8, sq_N / norm_N.pow(3), 0.0) / (N * D)
-            grad_x = grad_x - g_mse * coef_N[:, None] * x_ND.float()
+            grad_x = grad_x + g_mse * token_norm_x_grad(x_ND, sq_N, N * D)
     return (
         _cast(grad_x, x_ND.dtype),
         _cast(grad_W_enc, W_enc_DF.dtype),
@@ -229,8 +231,7 @@ def triton_sae_loss(
     0 never goes sparse (and, without a ghost mask, never syncs). Kept out of ``torch.compile``
     regions: Triton launches inside them fail under the interpreter.
     """
-    if mse_norm not in MSE_NORMS:
-        raise ValueError(f"unknown mse_norm {mse_norm!r}; use one of {list(MSE_NORMS)}")
+    check_mse_norm(mse_norm)
     x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D = (
         t.contiguous() for t in (x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D)
     )

@@ -40,6 +40,26 @@ def token_weights(x_ND: Tensor, mse_norm: str) -> Tensor:
     return torch.ones(x_ND.shape[0], dtype=dtype, device=x_ND.device)
 
 
+def decoder_norm_l1_grad(
+    l1_scale: Tensor, colsum_F: Tensor, s_F: Tensor, W_dec_FD: Tensor
+) -> Tensor:
+    """The decoder-norm L1 term's gradient of ``W_dec``: ``d l1 / d W_dec[f] = l1_scale *
+    sum_n f[n, f] * W_dec[f] / |W_dec[f]|`` (``colsum_F``: the code's column sums; ``s_F``: the
+    row norms), in ``s_F``'s dtype."""
+    coef_F = l1_scale * torch.where(s_F > 0, colsum_F / s_F, 0.0)
+    return coef_F[:, None] * W_dec_FD.to(s_F.dtype)
+
+
+def token_norm_x_grad(x_ND: Tensor, sq_N: Tensor, n_elements: int) -> Tensor:
+    """``token_norm``'s own part of the MSE's gradient of ``x`` (through the target's norm):
+    ``-sq_N / |x_n|^3 * x_n / n_elements``, with ``sq_N`` each token's unweighted squared
+    error; in ``sq_N``'s dtype."""
+    x = x_ND.to(sq_N.dtype)
+    norm_N = x.norm(dim=1)
+    coef_N = torch.where(norm_N > 1e-8, sq_N / norm_N.pow(3), 0.0) / n_elements
+    return -coef_N[:, None] * x
+
+
 def masked_pre(
     x_ND: Tensor,
     W_enc_DF: Tensor,

@@ -31,8 +31,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from patchsae.kernels.common import StepInfo, silent_term, token_weights
-from patchsae.kernels.reference import MSE_NORMS, SAEOutput, top_mask
+from patchsae.kernels.common import (
+    StepInfo,
+    decoder_norm_l1_grad,
+    silent_term,
+    token_norm_x_grad,
+    token_weights,
+)
+from patchsae.kernels.reference import SAEOutput, check_mse_norm, top_mask
 from torch import Tensor
 
 CPU_ARCHITECTURES = ("relu", "topk", "batchtopk")
@@ -76,7 +82,7 @@ class CPULossFunction(torch.autograd.Function):
         code = _csr(f_NF) if info.sparse else None
         x_hat_ND = torch.addmm(b_dec_D, code if code is not None else f_NF, W_dec_FD)
 
-        w_N = token_weights(x_ND, mse_norm).to(x_ND.dtype)
+        w_N = token_weights(x_ND, mse_norm)  # in x's dtype (fp32 or fp64)
         diff_ND = x_hat_ND - x_ND
         sq_N = diff_ND.pow(2).sum(dim=1)
         mse = (sq_N * w_N).sum() / (N * D)
@@ -120,14 +126,13 @@ class CPULossFunction(torch.autograd.Function):
 
         grad_W_enc = grad_W_dec = g_b_enc_F = g_pre = None
         if code is not None:
-            rows_E = _rows(code)
             cols_E = code.col_indices()
             if need_pre:
                 g_code_E = _sampled_matmul(code, g_ND, W_dec_FD.T)
                 if l1_scale is not None:
                     g_code_E += l1_scale * s_F[cols_E] if s_F is not None else l1_scale
                 if g_f_NF is not None:
-                    g_code_E += g_f_NF[rows_E, cols_E]
+                    g_code_E += g_f_NF[_rows(code), cols_E]
                 g_pre = _csr_like(code, g_code_E)
                 g_b_enc_F = torch.zeros(F, dtype=x_ND.dtype).index_add_(0, cols_E, g_code_E)
                 if need_W_enc:
@@ -149,19 +154,15 @@ class CPULossFunction(torch.autograd.Function):
                 grad_W_dec = f_NF.T @ g_ND
 
         if need_W_dec and s_F is not None:
-            # d l1 / d W_dec[f] = l1_scale * sum_n f[n, f] * W_dec[f] / |W_dec[f]|
             assert l1_scale is not None and colsum_F is not None
-            coef_F = l1_scale * torch.where(s_F > 0, colsum_F / s_F, 0.0)
-            grad_W_dec = grad_W_dec + coef_F[:, None] * W_dec_FD
+            grad_W_dec = grad_W_dec + decoder_norm_l1_grad(l1_scale, colsum_F, s_F, W_dec_FD)
         grad_b_dec = grad_x = None
         if need_b_dec:
             grad_b_dec = g_ND.sum(dim=0) - W_enc_DF @ g_b_enc_F
         if need_x:
             grad_x = torch.mm(g_pre, W_enc_DF.T) - g_mse * seed_ND
             if ctx.mse_norm == "token_norm":
-                norm_N = x_ND.norm(dim=1)
-                coef_N = torch.where(norm_N > 1e-8, sq_N / norm_N.pow(3), 0.0) / (N * D)
-                grad_x = grad_x - g_mse * coef_N[:, None] * x_ND
+                grad_x = grad_x + g_mse * token_norm_x_grad(x_ND, sq_N, N * D)
         return (
             grad_x,
             grad_W_enc,
@@ -272,8 +273,7 @@ def cpu_sae_loss(
 ) -> tuple[SAEOutput, StepInfo]:
     """``kernels.reference.sae_loss`` for ``relu``, ``topk`` and ``batchtopk`` on a CPU; also
     returns what the step chose. ``sparse_threshold``: the largest density run sparse."""
-    if mse_norm not in MSE_NORMS:
-        raise ValueError(f"unknown mse_norm {mse_norm!r}; use one of {list(MSE_NORMS)}")
+    check_mse_norm(mse_norm)
     if architecture not in CPU_ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: use one of {CPU_ARCHITECTURES}")
     x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D = (

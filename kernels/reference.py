@@ -164,14 +164,19 @@ def sae_forward(
     return pre_NF, f_NF, x_hat_ND
 
 
+def check_mse_norm(mse_norm: str) -> None:
+    """Refuse an ``mse_norm`` that is not one of ``MSE_NORMS``."""
+    if mse_norm not in MSE_NORMS:
+        raise ValueError(f"unknown mse_norm {mse_norm!r}; use one of {list(MSE_NORMS)}")
+
+
 def squared_error(x_ND: Tensor, target_ND: Tensor, mse_norm: str) -> Tensor:
     """Per-element squared error ``[N, D]``; ``token_norm`` divides each token's row by the
     target token's L2 norm (the PatchSAE code's normalisation)."""
+    check_mse_norm(mse_norm)
     err_ND = (x_ND - target_ND).pow(2)
     if mse_norm == "token_norm":
         err_ND = err_ND / target_ND.norm(dim=-1, keepdim=True).clamp_min(1e-8)
-    elif mse_norm != "none":
-        raise ValueError(f"unknown mse_norm {mse_norm!r}; use one of {list(MSE_NORMS)}")
     return err_ND
 
 

@@ -28,7 +28,7 @@ import torch
 from patchsae.kernels import triton_kernels as tk
 from patchsae.kernels.autograd import sae_backward
 from patchsae.kernels.common import StepInfo, silent_term, token_weights
-from patchsae.kernels.reference import MSE_NORMS, SAEOutput, activate
+from patchsae.kernels.reference import SAEOutput, activate, check_mse_norm
 from torch import Tensor
 
 SPARSE_ARCHITECTURES = ("topk", "batchtopk")
@@ -105,8 +105,7 @@ def triton_topk_loss(
     (``ghost_mask_F``: the dead latents AuxK trains)."""
     if architecture not in SPARSE_ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: use one of {SPARSE_ARCHITECTURES}")
-    if mse_norm not in MSE_NORMS:
-        raise ValueError(f"unknown mse_norm {mse_norm!r}; use one of {list(MSE_NORMS)}")
+    check_mse_norm(mse_norm)
     x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D = (
         t.contiguous() for t in (x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D)
     )
