@@ -1,4 +1,4 @@
-"""Helpers for tests that run the real CLI in a subprocess."""
+"""Helpers shared by tests: the real CLI in a subprocess, and how far a tensor is from another."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max|got - want| / max|want| (float64; the shapes must agree)."""
+    got, want = got.detach().double(), want.detach().double()
+    assert got.shape == want.shape
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 def free_port(host: str = "127.0.0.1") -> int:

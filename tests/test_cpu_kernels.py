@@ -12,6 +12,8 @@ from patchsae.kernels import dispatch
 from patchsae.kernels.cpu import cpu_sae_loss
 from patchsae.kernels.reference import sae_loss as reference_sae_loss
 
+from tests.helpers import rel_err
+
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 OUTPUTS = ("loss", "mse", "l1", "aux", "f_NF", "x_hat_ND")
 # fp32 against float64: sums of a few hundred products stay within ~1e-6 relative, but the
@@ -62,12 +64,6 @@ def run(fn, inputs, *, grad_x: bool, **kw):
     names = [k for k in leaves if leaves[k].requires_grad]
     grads = torch.autograd.grad(loss, [leaves[k] for k in names])
     return out, dict(zip(names, grads, strict=True))
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 def assert_matches_reference(inputs, dtype, *, threshold, grad_x, **kw):

@@ -32,6 +32,8 @@ from patchsae.kernels import triton_kernels as tk
 from patchsae.kernels.autograd import sparse_capacity, triton_sae_loss
 from patchsae.kernels.reference import sae_loss as reference_sae_loss
 
+from tests.helpers import rel_err
+
 N, D, F = 37, 71, 1000
 DEVICE = "cpu" if tk.INTERPRET or not torch.cuda.is_available() else "cuda"
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -70,12 +72,6 @@ def make_inputs(density: float, dtype=torch.float32, n=N, d=D, f=F) -> dict[str,
     W_dec = W_dec / W_dec.norm(dim=1, keepdim=True) * (1 + torch.rand(f, 1, dtype=torch.float64))
     tensors = {"x": x, "W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     return {k: v.to(DEVICE, dtype) for k, v in tensors.items()}
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 def run(fn, inputs, *, grad_x=False, extra_loss=None, **kw):
