@@ -18,8 +18,10 @@ gives the dense encoder kernel alone against cuBLAS for the same GEMM.
 
 L0 is set through b_enc: with unit-variance pre-activations, b_enc = -Phi^-1(1 - L0 / n)
 gives L0 active latents per token on average. A third table times the ``topk`` architecture
-(k = 32, 64, 128 at n = 49,152 and 2^18): the eager reference, compiled, and the Triton path
-(dense encoder GEMM, the selection, the sparse decoder and backward; ``kernels.topk``).
+(k = 32, 64, 128 at n = 49,152 and 2^18) and ``jumprelu`` at about the same L0: the eager
+reference, compiled, and the Triton path (dense encoder GEMM, the selection, the sparse decoder
+and backward, and jumprelu's threshold gradient from its window; ``kernels.topk``), or on a
+CPU the CPU path.
 Targets on an H100 (see issue #3): Triton step
 at least 3x faster than torch.compile at n = 49,152, L0 = 150; dense encoder at least 75% of
 the cuBLAS rate; peak memory not above eager's.
@@ -43,6 +45,8 @@ TOPK_GPU = {"n": [49_152, 2**18], "k": [32, 64, 128]}
 TOPK_CPU = {"n": [4096, 16_384], "k": [12, 32]}
 TOPK_COLUMNS = ("eager", "compile", "triton")
 TOPK_CPU_COLUMNS = ("eager", "compile", "cpu")
+JUMPRELU_THRESHOLD = 0.05
+"""jumprelu rows: every threshold, over inputs whose ReLU code has L0 k."""
 
 
 def make_inputs(tokens: int, d: int, n: int, l0: int, dtype: torch.dtype, device: str):
@@ -235,36 +239,50 @@ def main() -> None:
 
 
 def topk_table(timer, sizes, topk, dtype, device, columns, warmup, iters) -> None:
-    """ms per step and peak memory of the topk architecture, per (n, k)."""
+    """ms per step and peak memory of the selection architectures, per (n, k): ``topk`` with
+    that k, and ``jumprelu`` with every threshold at ``JUMPRELU_THRESHOLD`` over the same
+    inputs, which gives an L0 near k (the measured one is printed)."""
     from patchsae.kernels.cpu import cpu_sae_loss
 
-    print(f"\n# topk step on the same card, {str(dtype)[6:]}\n")
-    print("| n | k | metric | " + " | ".join(columns) + " |")
-    print("|---|---|---|" + "---|" * len(columns))
+    print(f"\n# topk and jumprelu steps on the same card, {str(dtype)[6:]}\n")
+    print("| architecture | n | k (L0) | metric | " + " | ".join(columns) + " |")
+    print("|---|---|---|---|" + "---|" * len(columns))
     compiled = torch.compile(eager_sae_loss, dynamic=False)
-    for n in topk["n"]:
-        for k in topk["k"]:
-            x, params = make_inputs(sizes["tokens"], sizes["d"], n, k, dtype, device)
-            fns = {
-                "eager": lambda *a, k=k, **kw: eager_sae_loss(*a, **kw, architecture="topk", k=k),
-                "compile": lambda *a, k=k, **kw: compiled(*a, **kw, architecture="topk", k=k),
-                "triton": lambda *a, k=k, **kw: _triton_topk(*a, architecture="topk", k=k)[0],
-                "cpu": lambda *a, k=k, **kw: cpu_sae_loss(
-                    *a, architecture="topk", k=k, sparse_threshold=1.0
-                )[0],
-            }
-            res = {c: step_stats(fns[c], x, params, timer, device, warmup, iters) for c in columns}
-            print(
-                f"| {n:,} | {k} | ms / step | "
-                + " | ".join(fmt(r["ms"], ".2f") for r in res.values())
-                + " |"
-            )
-            print(
-                f"| {n:,} | {k} | peak GiB | "
-                + " | ".join(fmt(r["peak"], ".2f") for r in res.values())
-                + " |"
-            )
-            del x, params
+    for architecture in ("topk", "jumprelu"):
+        for n in topk["n"]:
+            for k in topk["k"]:
+                x, params = make_inputs(sizes["tokens"], sizes["d"], n, k, dtype, device)
+                options = {"architecture": architecture, "k": k}
+                if architecture == "jumprelu":
+                    threshold = torch.full((n,), JUMPRELU_THRESHOLD, device=device, dtype=dtype)
+                    options |= {"threshold_F": threshold.requires_grad_(), "bandwidth": 0.05}
+                fns = {
+                    "eager": lambda *a, o=options, **kw: eager_sae_loss(*a, **kw, **o),
+                    "compile": lambda *a, o=options, **kw: compiled(*a, **kw, **o),
+                    "triton": lambda *a, o=options, **kw: _triton_topk(*a, **kw, **o)[0],
+                    "cpu": lambda *a, o=options, **kw: cpu_sae_loss(
+                        *a, **kw, **o, sparse_threshold=1.0
+                    )[0],
+                }
+                with torch.no_grad():
+                    f_NF = eager_sae_loss(x, *params, l1_coeff=0.0, **options).f_NF
+                    l0 = (f_NF > 0).sum(1).float().mean().item()
+                del f_NF
+                res = {
+                    c: step_stats(fns[c], x, params, timer, device, warmup, iters) for c in columns
+                }
+                label = f"| {architecture} | {n:,} | {k} ({l0:.0f}) |"
+                print(
+                    f"{label} ms / step | "
+                    + " | ".join(fmt(r["ms"], ".2f") for r in res.values())
+                    + " |"
+                )
+                print(
+                    f"{label} peak GiB | "
+                    + " | ".join(fmt(r["peak"], ".2f") for r in res.values())
+                    + " |"
+                )
+                del x, params
 
 
 def _triton_topk(*args, **kw):

@@ -140,20 +140,26 @@ class SAELossFunction(torch.autograd.Function):
         return (*sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND), *([None] * 6))
 
 
+def output_grad(seed_ND: Tensor, g_mse: Tensor, g_x_hat_ND: Tensor | None) -> Tensor:
+    """``d loss / d x_hat`` in fp32: the MSE's seed times its incoming gradient, plus any
+    gradient sent to the reconstruction itself."""
+    g_ND = seed_ND * g_mse
+    return g_ND if g_x_hat_ND is None else g_ND + g_x_hat_ND.float()
+
+
 def sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND) -> tuple[Tensor | None, ...]:
     """The gradients of ``(x, W_enc, b_enc, W_dec, b_dec)`` from what a forward saved (see
-    :class:`SAELossFunction`; ``kernels.topk`` saves the same for its sparse code)."""
+    :class:`SAELossFunction`; ``kernels.topk`` saves the same for its sparse code, then its
+    own)."""
     (x_ND, xc_ND, W_enc_DF, W_dec_FD, f_NF, seed_ND, sq_N, w_N,
-     s_F, colsum_F, idx_NK, val_NK, nnz_N) = ctx.saved_tensors  # fmt: skip
+     s_F, colsum_F, idx_NK, val_NK, nnz_N) = ctx.saved_tensors[:13]  # fmt: skip
     need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
     N, D = x_ND.shape
     F = W_enc_DF.shape[1]
     zero = torch.zeros((), dtype=torch.float32, device=x_ND.device)
     g_mse = zero if g_mse is None else g_mse.float()
     g_l1 = zero if g_l1 is None else g_l1.float()
-    g_ND = seed_ND * g_mse  # d loss / d x_hat, fp32
-    if g_x_hat_ND is not None:
-        g_ND = g_ND + g_x_hat_ND.float()
+    g_ND = output_grad(seed_ND, g_mse, g_x_hat_ND)
     l1_scale = g_l1 * (ctx.l1_coeff / N)
     gd = tk.grad_dtype(x_ND.dtype)
     g_op_ND = g_ND.to(gd)  # the GEMM operand (bf16 for bf16 parameters)
@@ -172,7 +178,7 @@ def sae_backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND) -> tuple[Tensor | None, .
             g_code_E = g_code_NK.view(-1)[code.perm_E]
             g_b_enc_F = tk.sparse_t_matmul(code, g_code_E, xc_ND, grad_W_enc.T, with_sum=True)
         elif need_b_enc or need_b_dec or need_x:
-            g_b_enc_F = _scatter_sum(g_code_NK, key_NK, F)
+            g_b_enc_F = scatter_sum(g_code_NK, key_NK, F)
         if need_W_dec:
             dtype = torch.float32 if s_F is not None else gd
             grad_W_dec = tk.output_buffer((F, D), dtype, x_ND.device)
@@ -249,7 +255,7 @@ def triton_sae_loss(
     return SAEOutput(mse + l1 + aux, mse, l1, aux, f_NF, x_hat_ND), info
 
 
-def _scatter_sum(g_code_NK: Tensor, key_NK: Tensor, F: int) -> Tensor:
+def scatter_sum(g_code_NK: Tensor, key_NK: Tensor, F: int) -> Tensor:
     """Per-latent sums of a code's values; ``key_NK`` sends unused slots to latent ``F``."""
     out = torch.zeros(F + 1, dtype=torch.float32, device=g_code_NK.device)
     values = torch.where(key_NK < F, g_code_NK, 0.0)  # unused slots may hold NaN

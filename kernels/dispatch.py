@@ -10,8 +10,8 @@
 - ``cpu``: the CPU path (CPU tensors only).
 
 Inputs a path does not take (the Triton kernels: float64, mixed dtypes or devices, bf16 in the
-interpreter, empty batches, jumprelu; the CPU path: other than fp32/fp64, jumprelu) run on the
-reference; ``stats.eager_fallbacks`` counts them.
+interpreter, empty batches; the CPU path: other than fp32/fp64; both: jumprelu thresholds that
+are not all positive) run on the reference; ``stats.eager_fallbacks`` counts them.
 
 Both fast paths take each batch sparse when its measured density (active entries / (tokens *
 latents)) is at or below ``sparse_threshold(device)`` (``set_sparse_threshold`` or
@@ -151,13 +151,19 @@ def sae_loss(
     if choice == "triton" or (choice == "auto" and x_ND.is_cuda and _triton_importable()):
         kernel_path()  # a clear error when the Triton path cannot run here
         reason = _unsupported(tensors)
-        if reason is None and architecture in ("topk", "batchtopk"):
+        threshold_F = options.get("threshold_F")
+        if reason is None and architecture == "jumprelu":
+            reason = _unsupported_threshold(threshold_F, x_ND)
+        if reason is None and architecture in ("topk", "batchtopk", "jumprelu"):
             from patchsae.kernels.topk import triton_topk_loss
 
             out, info = triton_topk_loss(
                 *tensors,
                 architecture=architecture,
-                k=options["k"],
+                k=options.get("k", 0),
+                threshold_F=threshold_F,
+                bandwidth=options.get("bandwidth", 1e-3),
+                l1_coeff=l1_coeff,
                 mse_norm=mse_norm,
                 ghost_mask_F=ghost_mask_F,
                 aux_k=options.get("aux_k", 0),
@@ -165,8 +171,8 @@ def sae_loss(
             )
             stats.sparse_steps += info.sparse
             return out
-        if architecture not in ("relu", "topk", "batchtopk"):
-            reason = f"architecture {architecture!r} (the Triton kernels implement relu, topk, batchtopk)"
+        if reason is None and architecture != "relu":
+            reason = f"architecture {architecture!r}"
         if reason is None:
             from patchsae.kernels.autograd import triton_sae_loss
 
@@ -184,7 +190,7 @@ def sae_loss(
     elif choice == "cpu" or (choice == "auto" and x_ND.device.type == "cpu"):
         from patchsae.kernels import cpu
 
-        if cpu.supports(tensors, architecture):
+        if cpu.supports(tensors, architecture, options.get("threshold_F")):
             out, info = cpu.cpu_sae_loss(
                 *tensors,
                 architecture=architecture,
@@ -193,6 +199,8 @@ def sae_loss(
                 l1_decoder_norm=l1_decoder_norm,
                 ghost_mask_F=ghost_mask_F,
                 k=options.get("k", 0),
+                threshold_F=options.get("threshold_F"),
+                bandwidth=options.get("bandwidth", 1e-3),
                 aux_k=options.get("aux_k", 0),
                 aux_coeff=options.get("aux_coeff", 0.0),
                 sparse_threshold=sparse_threshold("cpu"),
@@ -202,7 +210,8 @@ def sae_loss(
         if choice == "cpu":
             _fall_back(
                 f"CPU SAE path: {architecture} on {x_ND.dtype} {x_ND.device.type} tensors "
-                f"(it takes {list(cpu.CPU_ARCHITECTURES)} on fp32/fp64 CPU tensors)"
+                f"(it takes {list(cpu.CPU_ARCHITECTURES)} on fp32/fp64 CPU tensors, jumprelu "
+                "with positive thresholds)"
             )
         else:
             stats.eager_fallbacks += 1
@@ -245,6 +254,18 @@ def _unsupported(tensors: tuple[Tensor, ...]) -> str | None:
             return "bf16 in Triton's CPU interpreter (no bf16 arithmetic there)"
     if x.dim() != 2 or 0 in (*x.shape, tensors[1].shape[1]):
         return f"input shape {tuple(x.shape)}"
+    return None
+
+
+def _unsupported_threshold(threshold_F: Tensor | None, x: Tensor) -> str | None:
+    """Why the Triton path cannot take these jumprelu thresholds (it needs positive ones, as
+    the trainer's are), or None; reading the check back is one small host sync."""
+    if threshold_F is None:
+        return "jumprelu without threshold_F"
+    if threshold_F.device != x.device:
+        return "jumprelu thresholds on another device"
+    if not bool((threshold_F > 0).all()):
+        return "jumprelu thresholds that are not all positive"
     return None
 
 

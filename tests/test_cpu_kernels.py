@@ -1,5 +1,5 @@
 """The CPU path (``kernels.cpu``) against the float64 reference: forward, loss and every gradient
-on the dense and the sparse code, for relu, topk and batchtopk, and through the dispatcher."""
+on the dense and the sparse code, for every architecture, and through the dispatcher."""
 
 from __future__ import annotations
 
@@ -53,10 +53,24 @@ def make_inputs(density: float, dtype=torch.float32, n=53, d=19, f=71, tied=Fals
     return {k: v.to(dtype) for k, v in tensors.items()}
 
 
+def jumprelu_thresholds(inputs, quantile: float = 0.8) -> torch.Tensor:
+    """Positive per-latent thresholds near each latent's ``quantile`` of its pre-activations,
+    half a grid step (1/4096) off the grid those sit on: no pre-activation equals a threshold,
+    and none sits within rounding of the window's edge (at ``bandwidth`` 0.3)."""
+    x, W_enc, b_enc, b_dec = (inputs[k].double() for k in ("x", "W_enc", "b_enc", "b_dec"))
+    pre = (x - b_dec) @ W_enc + b_enc
+    cut_F = torch.round(pre.quantile(quantile, dim=0) * 2048) / 2048
+    return (cut_F.clamp_min(1 / 256) + 1 / 4096).to(inputs["x"].dtype)
+
+
 def run(fn, inputs, *, grad_x: bool, **kw):
     """``fn``'s output and the gradients of a loss that uses every output (the code and the
-    reconstruction too, as the trainer's callers may) with respect to the parameters (and x)."""
+    reconstruction too, as the trainer's callers may) with respect to the parameters (and x,
+    and jumprelu's thresholds, named ``threshold``)."""
     leaves = {k: v.clone().requires_grad_(k != "x" or grad_x) for k, v in inputs.items()}
+    if kw.get("threshold_F") is not None:
+        leaves["threshold"] = kw["threshold_F"].to(inputs["x"].dtype).clone().requires_grad_()
+        kw = kw | {"threshold_F": leaves["threshold"]}
     out = fn(*(leaves[k] for k in ("x", *PARAMS)), **kw)
     n, f = out.f_NF.shape
     weights_NF = torch.linspace(-1, 1, n * f, dtype=out.f_NF.dtype).reshape(n, f)
@@ -104,6 +118,10 @@ CASES = [
     ("batchtopk", torch.float32, 0.5, True, "token_norm", False, True, True),
     ("batchtopk", torch.float32, 0.5, False, "none", False, False, False),
     ("batchtopk", torch.float64, 0.5, True, "none", False, True, False),
+    ("jumprelu", torch.float32, 0.5, True, "none", False, True, False),
+    ("jumprelu", torch.float32, 0.5, False, "token_norm", False, False, True),
+    ("jumprelu", torch.float64, 0.5, True, "token_norm", False, False, False),
+    ("jumprelu", torch.float64, 0.5, False, "none", False, True, False),
 ]
 
 
@@ -121,6 +139,8 @@ def test_cpu_path_matches_float64_reference(
 ):
     inputs = make_inputs(density, dtype, tied=tied)
     silent_F = torch.rand(inputs["W_enc"].shape[1]) < 0.2  # ghost grads / AuxK on these
+    jumprelu = architecture == "jumprelu"
+    threshold_F = jumprelu_thresholds(inputs) if jumprelu else None
     step = assert_matches_reference(
         inputs,
         dtype,
@@ -132,10 +152,35 @@ def test_cpu_path_matches_float64_reference(
         l1_decoder_norm=l1_decoder_norm,
         ghost_mask_F=silent_F,
         k=6,
+        threshold_F=threshold_F,
+        bandwidth=0.3,
         aux_k=5,
         aux_coeff=0.5,
     )
-    assert step.sparse == sparse and step.ghost_latents == int(silent_F.sum())
+    assert step.sparse == sparse
+    assert step.ghost_latents == (0 if jumprelu else int(silent_F.sum()))  # jumprelu: no term
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_jumprelu_window_and_l0_term(seed, sparse):
+    """The thresholds' gradient comes from the entries in their windows only: a threshold with
+    none gets exactly 0, the others the reference's value; the L0 term is ``l1_coeff`` times
+    the active entries per token."""
+    inputs = make_inputs(0.5)
+    threshold_F = jumprelu_thresholds(inputs, 0.7)
+    threshold_F[:10] = 1000.0  # no pre-activation near these
+    kw = dict(architecture="jumprelu", threshold_F=threshold_F, bandwidth=0.3, l1_coeff=0.2)
+
+    def cpu(*tensors, **options):
+        return cpu_sae_loss(*tensors, sparse_threshold=1.0 if sparse else 0.0, **options)[0]
+
+    out, grads = run(cpu, inputs, grad_x=False, **kw)
+    ref, ref_grads = run(reference_sae_loss, inputs, grad_x=False, **kw)
+    assert torch.all(grads["threshold"][:10] == 0) and grads["threshold"][10:].abs().sum() > 0
+    assert rel_err(grads["threshold"], ref_grads["threshold"]) < TOL[torch.float32]
+    n_active = int((out.f_NF != 0).sum())
+    assert 0 < n_active < out.f_NF.numel() and torch.equal(out.f_NF, ref.f_NF)
+    assert out.l1.item() == pytest.approx(0.2 * n_active / out.f_NF.shape[0], rel=1e-6)
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
@@ -174,13 +219,14 @@ def test_auto_takes_the_cpu_path_and_counts_sparse_steps(seed, monkeypatch):
         want = reference_sae_loss(*sparse.values(), l1_coeff=0.1)
         got = kernels.sae_loss(*sparse.values(), l1_coeff=0.1)
         kernels.sae_loss(*dense.values(), l1_coeff=0.1)
-        # jumprelu is not on the CPU path: the reference runs, silently under auto.
-        threshold_F = torch.full((71,), 0.1)
-        kernels.sae_loss(
-            *dense.values(), l1_coeff=0.1, architecture="jumprelu", threshold_F=threshold_F
-        )
+        kw = dict(l1_coeff=0.1, architecture="jumprelu", bandwidth=0.3)
+        threshold_F = jumprelu_thresholds(dense)
+        kernels.sae_loss(*dense.values(), threshold_F=threshold_F, **kw)
+        # a threshold at 0 is not one the CPU path takes: the reference, silently under auto
+        threshold_F[3] = 0.0
+        kernels.sae_loss(*dense.values(), threshold_F=threshold_F, **kw)
     torch.testing.assert_close(got.loss, want.loss)
-    assert kernels.stats.steps == 3 and kernels.stats.sparse_steps == 1
+    assert kernels.stats.steps == 4 and kernels.stats.sparse_steps == 1
     assert kernels.stats.eager_fallbacks == 1
 
 
@@ -202,7 +248,7 @@ def _train(monkeypatch, path: str, architecture: str, steps: int = 6) -> list[fl
     monkeypatch.setenv("PATCHSAE_KERNELS", path)
     gen = torch.Generator().manual_seed(1234)
     torch.manual_seed(4321)
-    sae = SparseAutoencoder(48, 400, architecture=architecture, k=12)
+    sae = SparseAutoencoder(48, 400, architecture=architecture, k=12, threshold=0.3)
     with torch.no_grad():
         sae.b_enc.fill_(-0.5)  # a sparse code from the start
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
@@ -211,7 +257,13 @@ def _train(monkeypatch, path: str, architecture: str, steps: int = 6) -> list[fl
     for _ in range(steps):
         x = torch.randn(40, 48, generator=gen)
         out = sae(
-            x, l1_coeff=1e-2, mse_norm="token_norm", ghost_mask_F=~fired_F, aux_k=24, aux_coeff=0.5
+            x,
+            l1_coeff=1e-2,
+            mse_norm="token_norm",
+            ghost_mask_F=~fired_F,
+            aux_k=24,
+            aux_coeff=0.5,
+            bandwidth=0.1,
         )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -224,8 +276,8 @@ def _train(monkeypatch, path: str, architecture: str, steps: int = 6) -> list[fl
 
 @pytest.mark.parametrize(
     "architecture,threshold",
-    [("relu", 0.0), ("relu", 1.0), ("topk", 1.0), ("batchtopk", 0.0)],
-    ids=["relu-dense", "relu-sparse", "topk-sparse", "batchtopk-dense"],
+    [("relu", 0.0), ("relu", 1.0), ("topk", 1.0), ("batchtopk", 0.0), ("jumprelu", 1.0)],
+    ids=["relu-dense", "relu-sparse", "topk-sparse", "batchtopk-dense", "jumprelu-sparse"],
 )
 def test_short_training_run_matches_eager(monkeypatch, architecture, threshold):
     dispatch.set_sparse_threshold(threshold)
@@ -234,7 +286,10 @@ def test_short_training_run_matches_eager(monkeypatch, architecture, threshold):
     assert kernels.stats.eager_fallbacks == 0 and kernels.stats.steps == 12
     assert kernels.stats.sparse_steps == (6 if threshold else 0)
     assert cpu == pytest.approx(eager, rel=1e-5, abs=1e-7)
-    assert max(cpu[3::4]) > 0  # the ghost / AuxK term was on
+    if architecture == "jumprelu":  # the L0 term, and the thresholds moved the same way
+        assert min(cpu[2::4]) > 0
+    else:
+        assert max(cpu[3::4]) > 0  # the ghost / AuxK term was on
 
 
 @pytest.mark.parametrize("n,f", [(37, 101), (700, 300)], ids=["small", "sampled-cut"])

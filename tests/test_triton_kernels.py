@@ -76,8 +76,12 @@ def make_inputs(density: float, dtype=torch.float32, n=N, d=D, f=F) -> dict[str,
 
 def run(fn, inputs, *, grad_x=False, extra_loss=None, **kw):
     """Run ``fn`` (the reference or the Triton path) on copies of ``inputs``; returns the
-    output and the gradients of its loss with respect to x (if asked) and the parameters."""
+    output and the gradients of its loss with respect to x (if asked), the parameters and
+    jumprelu's thresholds (``threshold``), in the inputs' dtype."""
     leaves = {k: v.clone().requires_grad_(k != "x" or grad_x) for k, v in inputs.items()}
+    if kw.get("threshold_F") is not None:
+        leaves["threshold"] = kw["threshold_F"].to(inputs["x"].dtype).clone().requires_grad_()
+        kw = kw | {"threshold_F": leaves["threshold"]}
     out = fn(*(leaves[k] for k in ("x", *PARAMS)), **kw)
     loss = out.loss if extra_loss is None else out.loss + extra_loss(out)
     names = [k for k in leaves if leaves[k].requires_grad]
@@ -359,6 +363,63 @@ def test_topk_and_batchtopk_match_float64_reference(
     assert_close(got, want, TOL[dtype])
 
 
+def jumprelu_thresholds(inputs, quantile: float = 0.7) -> torch.Tensor:
+    """Positive per-latent thresholds near each latent's ``quantile`` of its pre-activations,
+    half a grid step (1/4096) off the grid those sit on: no pre-activation equals one."""
+    x, W_enc, b_enc, b_dec = (inputs[k].double() for k in ("x", "W_enc", "b_enc", "b_dec"))
+    pre = (x - b_dec) @ W_enc + b_enc
+    cut_F = torch.round(pre.quantile(quantile, dim=0) * 2048) / 2048
+    return (cut_F.clamp_min(1 / 256) + 1 / 4096).to(inputs["x"].dtype)
+
+
+# jumprelu on the sparse Triton path: (dtype, mse_norm, grad of x, gradient through the code)
+JUMPRELU_CASES = [
+    (torch.float32, "none", True, False),
+    (torch.float32, "token_norm", False, True),
+    (torch.float16, "token_norm", True, True),
+]
+
+
+@pytest.mark.parametrize(
+    "dtype,mse_norm,grad_x,through_code",
+    JUMPRELU_CASES,
+    ids=[f"{str(c[0])[6:]}-{c[1]}{'-gx' if c[2] else ''}{'-gf' if c[3] else ''}"
+         for c in JUMPRELU_CASES],
+)  # fmt: skip
+def test_jumprelu_matches_float64_reference(seed, dtype, mse_norm, grad_x, through_code):
+    """The code, the L0 term and every gradient, the thresholds' straight-through one
+    included (from the entries in each threshold's window, below it too), with dead latents
+    masked (jumprelu has no term for them: exactly 0)."""
+    from patchsae.kernels.topk import triton_topk_loss
+
+    inputs = make_inputs(0.5, dtype, f=230)
+    threshold_F = jumprelu_thresholds(inputs)
+    threshold_F[:7] = 1000.0  # nothing in these windows: a gradient of exactly 0
+    dead = torch.rand(230, device=DEVICE) < 0.2
+    kw = dict(architecture="jumprelu", threshold_F=threshold_F, bandwidth=0.3, l1_coeff=0.2)
+    kw |= dict(mse_norm=mse_norm, ghost_mask_F=dead, grad_x=grad_x)
+    if through_code:
+        weights = torch.linspace(-1, 1, N * 230, device=DEVICE).reshape(N, 230)
+        kw["extra_loss"] = lambda out: (out.f_NF * weights.to(out.f_NF.dtype)).sum() * 1e-2
+    info = {}
+
+    def fn(*tensors, **options):
+        out, info["step"] = triton_topk_loss(*tensors, **options)
+        return out
+
+    got = run(fn, inputs, **kw)
+    if dtype == torch.float32:  # pre-activations exact: the same code as in float64
+        want = reference(inputs, **kw)
+    else:  # fp16 rounds pre: compare with the reference in fp16, which decides alike
+        want = run(reference_sae_loss, inputs, **kw)
+    assert info["step"].sparse and info["step"].ghost_latents == 0
+    assert torch.equal(got[0].f_NF != 0, want[0].f_NF != 0) and got[0].aux.item() == 0
+    assert torch.all(got[1]["threshold"][:7] == 0) and got[1]["threshold"].abs().sum() > 0
+    n_active = int((got[0].f_NF != 0).sum())
+    assert got[0].l1.item() == pytest.approx(0.2 * n_active / N, rel=1e-3)
+    assert_close(got, want, TOL[dtype])
+
+
 def test_topk_through_the_dispatcher_takes_the_triton_path(seed, monkeypatch):
     monkeypatch.setenv("PATCHSAE_KERNELS", "triton")
     inputs = topk_inputs(torch.float32, tied=False)
@@ -368,13 +429,19 @@ def test_topk_through_the_dispatcher_takes_the_triton_path(seed, monkeypatch):
         want = reference_sae_loss(*inputs.values(), l1_coeff=0.1, architecture=architecture, k=5)
         assert kernels.stats.sparse_steps == before + 1 and kernels.stats.eager_fallbacks == 0
         assert rel_err(out.loss, want.loss) < 1e-5 and out.l1.item() == 0.0
-    # jumprelu has no Triton path yet: the reference runs, with a warning.
-    threshold = torch.full((230,), 0.1, device=DEVICE)
-    with pytest.warns(UserWarning, match="architecture 'jumprelu'"):
-        kernels.sae_loss(
-            *inputs.values(), l1_coeff=0.1, architecture="jumprelu", threshold_F=threshold
-        )
-    assert kernels.stats.eager_fallbacks == 1
+    kw = dict(l1_coeff=0.1, architecture="jumprelu", bandwidth=0.3)
+    threshold = jumprelu_thresholds(inputs)
+    before = kernels.stats.sparse_steps
+    out = kernels.sae_loss(*inputs.values(), threshold_F=threshold, **kw)
+    want = reference_sae_loss(*inputs.values(), threshold_F=threshold, **kw)
+    assert kernels.stats.sparse_steps == before + 1 and kernels.stats.eager_fallbacks == 0
+    assert rel_err(out.loss, want.loss) < 1e-5 and out.l1.item() > 0
+    # thresholds that are not all positive are not the Triton path's: the reference runs
+    threshold[0] = -0.5
+    with pytest.warns(UserWarning, match="jumprelu thresholds that are not all positive"):
+        out = kernels.sae_loss(*inputs.values(), threshold_F=threshold, **kw)
+    want = reference_sae_loss(*inputs.values(), threshold_F=threshold, **kw)
+    assert out.loss.item() == want.loss.item() and kernels.stats.eager_fallbacks == 1
 
 
 def _train(
@@ -386,7 +453,7 @@ def _train(
     kernels.set_sparse_threshold(threshold)
     gen = torch.Generator().manual_seed(1234)
     torch.manual_seed(4321)
-    sae = SparseAutoencoder(48, 400, architecture=architecture, k=12).to(DEVICE)
+    sae = SparseAutoencoder(48, 400, architecture=architecture, k=12, threshold=0.3).to(DEVICE)
     with torch.no_grad():
         sae.b_enc.fill_(-1.0)  # a sparse code (about 5%) from the start
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
@@ -396,7 +463,13 @@ def _train(
         x = torch.randn(40, 48, generator=gen).to(DEVICE)
         ghost = ~fired_F  # ghost grads for latents silent at the previous step
         out = sae(
-            x, l1_coeff=1e-3, mse_norm="token_norm", ghost_mask_F=ghost, aux_k=24, aux_coeff=0.5
+            x,
+            l1_coeff=1e-3,
+            mse_norm="token_norm",
+            ghost_mask_F=ghost,
+            aux_k=24,
+            aux_coeff=0.5,
+            bandwidth=0.1,
         )
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -417,14 +490,18 @@ def test_short_training_run_matches_eager(monkeypatch, threshold):
     assert triton_losses == pytest.approx(eager, rel=1e-4, abs=1e-6)
 
 
-@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk", "jumprelu"])
 def test_short_topk_training_run_matches_eager(monkeypatch, architecture):
-    """Five Adam steps with AuxK on the latents silent at the previous step."""
+    """Five Adam steps with AuxK on the latents silent at the previous step (jumprelu: the L0
+    term, and thresholds that move with their straight-through gradient)."""
     eager = _train(monkeypatch, "eager", 0.0, architecture=architecture)
     triton_losses = _train(monkeypatch, "triton", 0.0, architecture=architecture)
     assert kernels.stats.sparse_steps == 5 and kernels.stats.eager_fallbacks == 0
     assert triton_losses == pytest.approx(eager, rel=1e-4, abs=1e-6)
-    assert max(triton_losses[3::4]) > 0  # the AuxK term was on
+    if architecture == "jumprelu":
+        assert min(triton_losses[2::4]) > 0
+    else:
+        assert max(triton_losses[3::4]) > 0  # the AuxK term was on
 
 
 def _compile_for_h100() -> list[str]:
