@@ -320,7 +320,8 @@ def supports(
     tensors: tuple[Tensor, ...], architecture: str, threshold_F: Tensor | None = None
 ) -> bool:
     """Whether the CPU path takes these inputs (else the reference runs); jumprelu needs
-    positive thresholds on the CPU (the trainer's are, learned as logs)."""
+    thresholds >= 0 on the CPU (the trainer's are: ``threshold_lr * |z|``), so that an entry
+    is active exactly where the code is positive."""
     x = tensors[0]
     return (
         architecture in CPU_ARCHITECTURES
@@ -332,7 +333,7 @@ def supports(
             architecture != "jumprelu"
             or threshold_F is not None
             and threshold_F.device.type == "cpu"
-            and bool((threshold_F > 0).all())
+            and bool((threshold_F >= 0).all())
         )
     )
 
@@ -359,7 +360,7 @@ def cpu_sae_loss(
 ) -> tuple[SAEOutput, StepInfo]:
     """``kernels.reference.sae_loss`` on a CPU; also returns what the step chose.
     ``sparse_threshold``: the largest density run sparse. jumprelu: ``threshold_F`` must be
-    positive (``supports``)."""
+    >= 0 (``supports``)."""
     check_mse_norm(mse_norm)
     if architecture not in CPU_ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: use one of {CPU_ARCHITECTURES}")

@@ -11,7 +11,7 @@
 
 Inputs a path does not take (the Triton kernels: float64, mixed dtypes or devices, bf16 in the
 interpreter, empty batches; the CPU path: other than fp32/fp64; both: jumprelu thresholds that
-are not all positive) run on the reference; ``stats.eager_fallbacks`` counts them.
+are negative) run on the reference; ``stats.eager_fallbacks`` counts them.
 
 Both fast paths take each batch sparse when its measured density (active entries / (tokens *
 latents)) is at or below ``sparse_threshold(device)`` (``set_sparse_threshold`` or
@@ -211,7 +211,7 @@ def sae_loss(
             _fall_back(
                 f"CPU SAE path: {architecture} on {x_ND.dtype} {x_ND.device.type} tensors "
                 f"(it takes {list(cpu.CPU_ARCHITECTURES)} on fp32/fp64 CPU tensors, jumprelu "
-                "with positive thresholds)"
+                "with thresholds >= 0)"
             )
         else:
             stats.eager_fallbacks += 1
@@ -258,14 +258,14 @@ def _unsupported(tensors: tuple[Tensor, ...]) -> str | None:
 
 
 def _unsupported_threshold(threshold_F: Tensor | None, x: Tensor) -> str | None:
-    """Why the Triton path cannot take these jumprelu thresholds (it needs positive ones, as
-    the trainer's are), or None; reading the check back is one small host sync."""
+    """Why the Triton path cannot take these jumprelu thresholds (it needs them >= 0, as the
+    trainer's are), or None; reading the check back is one small host sync."""
     if threshold_F is None:
         return "jumprelu without threshold_F"
     if threshold_F.device != x.device:
         return "jumprelu thresholds on another device"
-    if not bool((threshold_F > 0).all()):
-        return "jumprelu thresholds that are not all positive"
+    if not bool((threshold_F >= 0).all()):
+        return "negative jumprelu thresholds"
     return None
 
 

@@ -19,7 +19,7 @@ code's gradient at the K slots, and both weight gradients through the latent-maj
 whose size (the number of active entries) is read back there. Nothing of size N x F is computed
 after the encoder but the dense code the trainer reads.
 
-``jumprelu`` (positive thresholds, as the trainer's are) also lists, in the same sync, each
+``jumprelu`` (thresholds >= 0, as the trainer's are) also lists, in the same sync, each
 token's entries in the straight-through window around the thresholds (``|pre - threshold| /
 bandwidth < 0.5``) as W slots; the backward's latent-gradient kernel runs on those slots too,
 and the thresholds' gradient is their per-latent sum (with the L0 term's count), as the
@@ -179,7 +179,7 @@ def triton_topk_loss(
     aux_coeff: float = 0.0,
 ) -> tuple[SAEOutput, StepInfo]:
     """``kernels.reference.sae_loss`` for a selection architecture on the sparse Triton kernels
-    (``ghost_mask_F``: the dead latents AuxK trains; jumprelu: ``threshold_F``, positive, and
+    (``ghost_mask_F``: the dead latents AuxK trains; jumprelu: ``threshold_F``, >= 0, and
     ``l1_coeff``, the weight of its L0 term)."""
     if architecture not in SPARSE_ARCHITECTURES:
         raise ValueError(f"architecture {architecture!r}: use one of {SPARSE_ARCHITECTURES}")

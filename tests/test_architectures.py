@@ -148,6 +148,47 @@ def test_sae_options_free_decoder_tied_init_and_export() -> None:
         torch.testing.assert_close(again(x, l1_coeff=0.0).f_NF, f / 3.0)
 
 
+def test_jumprelu_thresholds_start_from_the_sample(caplog) -> None:
+    """``init_l0``: every latent starts firing on ``init_l0 / n_latents`` of the sample's
+    tokens (so the code starts at that L0, none silent), whatever the block size; a sample too
+    small for that rate is said so; the SAE uses each threshold's absolute value."""
+    torch.manual_seed(7)
+    x = torch.randn(2000, 16) * 3 + 1
+    sae = SparseAutoencoder(16, 300, architecture="jumprelu", init_l0=6, threshold=0.5)
+    sae.init_from_sample(x, "mean", True)
+    f = sae(x, l1_coeff=0.0).f_NF
+    assert ((f > 0).sum(dim=0) == 40).all()  # 2,000 * 6 / 300 tokens per latent
+    assert (f > 0).sum(dim=1).float().mean().item() == pytest.approx(6.0)
+    first = sae.threshold.detach().clone()
+    assert (first > 0).all()
+    sae.init_thresholds(x, 6, chunk_elements=2000 * 7)  # 7 latents at a time: the same
+    torch.testing.assert_close(sae.threshold.detach(), first, rtol=1e-6, atol=0)
+
+    with torch.no_grad():
+        sae.threshold.copy_(first)
+        sae.threshold[0] = -first[0]
+    assert torch.equal(sae(x, l1_coeff=0.0).f_NF, f)
+    assert torch.equal(sae.export_tensors()["threshold"], first / sae.input_scale)
+
+    # At 10x the rate the parameter holds a tenth of each threshold: the same code.
+    fast = SparseAutoencoder(16, 300, architecture="jumprelu", init_l0=6, threshold_lr=10.0)
+    fast.load_state_dict(sae.state_dict() | {"threshold": sae.threshold.detach() / 10})
+    torch.testing.assert_close(fast.thresholds(), sae.thresholds())
+    assert torch.equal(fast(x, l1_coeff=0.0).f_NF > 0, f > 0)
+
+    with caplog.at_level("WARNING"):
+        sae.init_thresholds(x[:100], 1)  # 100 * 1 / 300 < 1 token per latent
+    assert "cannot resolve a firing rate" in caplog.text
+    assert ((sae(x[:100], l1_coeff=0.0).f_NF > 0).sum(dim=0) == 1).all()
+
+    # A relu SAE ignores init_l0; a checkpoint with thresholds as logs is refused clearly.
+    assert SparseAutoencoder(16, 300, init_l0=6).init_l0 is None
+    state = sae.state_dict()
+    state["log_threshold"] = state.pop("threshold").log()
+    with pytest.raises(ValueError, match="log_threshold.*cannot resume"):
+        sae.load_state_dict(state)
+
+
 def test_batchtopk_threshold_follows_the_smallest_kept_activation() -> None:
     torch.manual_seed(6)
     sae = SparseAutoencoder(10, 40, architecture="batchtopk", k=4)
@@ -184,6 +225,10 @@ def test_config_checks_the_new_keys(tmp_path) -> None:
         ],
     )
     assert cfg.sae.architecture == "jumprelu" and cfg.sae.decoder_init_norm == 0.1
+    with pytest.raises(ConfigError, match=r"sae.jumprelu_init_l0.*must be > 0"):
+        load_config(None, ["sae.jumprelu_init_l0=0"])
+    with pytest.raises(ConfigError, match=r"sae.jumprelu_init_l0.*more than sae.n_latents"):
+        load_config(None, ["sae.n_latents=64", "sae.expansion=null", "sae.jumprelu_init_l0=65"])
 
 
 @pytest.mark.parametrize(
@@ -199,6 +244,7 @@ def test_config_checks_the_new_keys(tmp_path) -> None:
                 "sae.tied_init": "true",
                 "sae.decoder_init_norm": 0.1,
                 "sae.l1_warmup_steps": 4,
+                "sae.jumprelu_init_l0": 8,
             },
         ),
     ],
@@ -213,9 +259,9 @@ def test_each_architecture_trains_and_analyses(tmp_path, demo_shards, arch, extr
         assert all(v <= 8 for v in l0) and l0[-1] > 4
     if arch == "batchtopk":
         assert all(v <= 8.0001 for v in l0)
-    if arch == "jumprelu":  # the L0 penalty ramps in over 4 steps
+    if arch == "jumprelu":  # the L0 penalty ramps in over 4 steps, from an L0 near 8
         l1 = [v for _, v in metrics["loss/l1"]]
-        assert l1[0] < l1[3] / 2
+        assert l1[0] < l1[3] / 2 and l0[0] < 4 * 8
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["config"]["sae"]["architecture"] == arch
     assert (

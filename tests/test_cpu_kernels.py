@@ -164,11 +164,12 @@ def test_cpu_path_matches_float64_reference(
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
 def test_jumprelu_window_and_l0_term(seed, sparse):
     """The thresholds' gradient comes from the entries in their windows only: a threshold with
-    none gets exactly 0, the others the reference's value; the L0 term is ``l1_coeff`` times
-    the active entries per token."""
+    none gets exactly 0, the others (at 0 too) the reference's value; the L0 term is
+    ``l1_coeff`` times the active entries per token."""
     inputs = make_inputs(0.5)
     threshold_F = jumprelu_thresholds(inputs, 0.7)
     threshold_F[:10] = 1000.0  # no pre-activation near these
+    threshold_F[10:15] = 0.0  # relu's code, a threshold the trainer's |z| can reach
     kw = dict(architecture="jumprelu", threshold_F=threshold_F, bandwidth=0.3, l1_coeff=0.2)
 
     def cpu(*tensors, **options):
@@ -222,8 +223,8 @@ def test_auto_takes_the_cpu_path_and_counts_sparse_steps(seed, monkeypatch):
         kw = dict(l1_coeff=0.1, architecture="jumprelu", bandwidth=0.3)
         threshold_F = jumprelu_thresholds(dense)
         kernels.sae_loss(*dense.values(), threshold_F=threshold_F, **kw)
-        # a threshold at 0 is not one the CPU path takes: the reference, silently under auto
-        threshold_F[3] = 0.0
+        # a negative threshold is not one the CPU path takes: the reference, silently under auto
+        threshold_F[3] = -0.1
         kernels.sae_loss(*dense.values(), threshold_F=threshold_F, **kw)
     torch.testing.assert_close(got.loss, want.loss)
     assert kernels.stats.steps == 4 and kernels.stats.sparse_steps == 1

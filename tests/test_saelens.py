@@ -224,7 +224,7 @@ def test_saelens_loads_the_other_architectures(saelens_python, tmp_path, arch, s
         if arch == "batchtopk":
             sae.threshold.fill_(0.5)
         if arch == "jumprelu":
-            sae.log_threshold.copy_(torch.rand(333).mul(0.8).add(0.1).log())
+            sae.threshold.copy_(torch.rand(333).mul(0.8).add(0.1))
     model = ModelConfig(name=MODEL, layer=-2)
     cfg_json = cfg_json_of(sae, model, step=3, sae_cfg=SAEConfig(architecture=arch, k=7))
     folder = tmp_path / arch

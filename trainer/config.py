@@ -140,7 +140,16 @@ class SAEConfig:
     aux_coeff: float = 0.03125
     """topk, batchtopk: weight of the AuxK term (1/32)."""
     jumprelu_threshold: float = 0.001
-    """jumprelu: initial threshold of every latent (on the scaled inputs)."""
+    """jumprelu: initial threshold of every latent (on the scaled inputs), unless
+    ``jumprelu_init_l0`` is set."""
+    jumprelu_init_l0: float | None = None
+    """jumprelu: start each latent's threshold where it fires on this many tokens in
+    ``n_latents`` of the initial token sample, so that the code starts at about this L0 with no
+    latent silent (null: every threshold starts at ``jumprelu_threshold``)."""
+    jumprelu_threshold_lr: float = 1.0
+    """jumprelu: the thresholds' learning rate as a multiple of ``train.lr`` (they are learned
+    as ``jumprelu_threshold_lr * z``: Adam moves ``z`` at the rate, so the thresholds move at
+    this multiple of it). Short runs need them to move faster than the encoder's bias."""
     jumprelu_bandwidth: float = 0.001
     """jumprelu: width of the straight-through estimator's window around the threshold."""
     l1_coeff: float = 8e-5
@@ -180,7 +189,14 @@ class SAEConfig:
             )
         _positive("sae", self, "n_latents", "expansion", "ghost_window_steps", "init_sample_tokens")
         _positive("sae", self, "k", "aux_k", "decoder_init_norm")
-        _positive("sae", self, "jumprelu_threshold", "jumprelu_bandwidth")
+        _positive("sae", self, "jumprelu_threshold", "jumprelu_bandwidth", "jumprelu_init_l0")
+        _positive("sae", self, "jumprelu_threshold_lr")
+        if self.n_latents and self.jumprelu_init_l0 and self.jumprelu_init_l0 > self.n_latents:
+            _fail(
+                "sae.jumprelu_init_l0",
+                f"is {self.jumprelu_init_l0}, more than sae.n_latents ({self.n_latents})",
+                "set an L0 below the width, e.g. 32",
+            )
         for name in ("l1_coeff", "aux_coeff", "l1_warmup_steps"):
             if getattr(self, name) < 0:
                 _fail(f"sae.{name}", f"must be >= 0, got {getattr(self, name)}", "e.g. 0")
@@ -406,6 +422,7 @@ class Config:
 SWEEP_KEYS = (
     {f"sae.{name}" for name in ("l1_coeff", "n_latents", "expansion", "architecture", "k")}
     | {"sae.aux_k", "sae.aux_coeff", "sae.jumprelu_threshold", "sae.jumprelu_bandwidth"}
+    | {"sae.jumprelu_init_l0", "sae.jumprelu_threshold_lr"}
     | {"sae.l1_warmup_steps", "sae.l1_decoder_norm", "sae.unit_norm_decoder", "sae.tied_init"}
     | {"sae.decoder_init_norm", "sae.mse_norm", "sae.ghost_grads", "sae.ghost_window_steps"}
     | {"sae.init_b_dec", "sae.scale_inputs"}

@@ -301,7 +301,9 @@ class Trainer:
 
     def _check_resumable(self, path: Path) -> None:
         saved = config_from_dict(checkpoint.read_export(path)[1]["config"])
-        fixed = {"model": None, "sae": ("n_latents", "expansion"), "data": ("source",)}
+        # a changed threshold rate would rescale the checkpoint's jumprelu thresholds
+        sae = ("n_latents", "expansion", "jumprelu_threshold_lr")
+        fixed = {"model": None, "sae": sae, "data": ("source",)}
         for section, keys in fixed.items():
             old, new = getattr(saved, section), getattr(self.cfg, section)
             for key in keys or old.__dataclass_fields__:

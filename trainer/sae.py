@@ -14,6 +14,7 @@ parallelism.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -21,6 +22,8 @@ import torch
 from patchsae import kernels
 from patchsae.kernels import SAEOutput
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 
 def geometric_median(points_ND: Tensor, max_iter: int = 200, tol: float = 1e-7) -> Tensor:
@@ -81,11 +84,17 @@ class SparseAutoencoder(nn.Module):
             norms, the SAELens ``standard`` form).
         tied_init: Initialise ``W_enc`` as ``W_dec`` transposed.
         decoder_init_norm: Initial norm of the decoder rows (1 when they are kept at unit norm).
-        threshold: jumprelu: the initial threshold of every latent (learned as its log).
+        threshold: jumprelu: the initial threshold of every latent. It is learned directly,
+            as ``threshold_lr * |z|`` (the absolute value keeps it >= 0 with no projection
+            step), so Adam moves it at ``threshold_lr`` times the rate it moves ``b_enc``,
+            against which it is measured.
+        threshold_lr: jumprelu: that multiple.
+        init_l0: jumprelu: on ``init_from_sample``, start each latent's threshold where it
+            fires on ``init_l0 / n_latents`` of the sample's tokens (None: keep ``threshold``).
     """
 
     input_scale: Tensor
-    threshold: Tensor  # batchtopk only
+    threshold: Tensor  # batchtopk: the inference threshold (a buffer); jumprelu: [F], learned
 
     def __init__(
         self,
@@ -98,9 +107,12 @@ class SparseAutoencoder(nn.Module):
         tied_init: bool = False,
         decoder_init_norm: float = 1.0,
         threshold: float = 1e-3,
+        threshold_lr: float = 1.0,
+        init_l0: float | None = None,
     ) -> None:
         super().__init__()
         self.d_in, self.n_latents = d_in, n_latents
+        self.init_l0 = init_l0 if architecture == "jumprelu" else None
         self.architecture, self.k = architecture, k
         self.unit_norm_decoder, self.tied_init = unit_norm_decoder, tied_init
         self.decoder_init_norm = decoder_init_norm
@@ -108,8 +120,9 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(n_latents))
         self.W_dec = nn.Parameter(torch.empty(n_latents, d_in))
         self.b_dec = nn.Parameter(torch.zeros(d_in))
-        if architecture == "jumprelu":
-            self.log_threshold = nn.Parameter(torch.full((n_latents,), math.log(threshold)))
+        self.threshold_lr = float(threshold_lr)
+        if architecture == "jumprelu":  # z; the SAE's thresholds are threshold_lr * |z|
+            self.threshold = nn.Parameter(torch.full((n_latents,), threshold / threshold_lr))
         if architecture == "batchtopk":  # the inference threshold, estimated in training
             self.register_buffer("threshold", torch.zeros(()))
         # Multiplies inputs before the SAE sees them; folded into the weights on export.
@@ -128,6 +141,8 @@ class SparseAutoencoder(nn.Module):
             tied_init=cfg.tied_init,
             decoder_init_norm=cfg.decoder_init_norm or 1.0,
             threshold=cfg.jumprelu_threshold,
+            threshold_lr=cfg.jumprelu_threshold_lr,
+            init_l0=cfg.jumprelu_init_l0,
         )
 
     @torch.no_grad()
@@ -146,7 +161,40 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def init_from_sample(self, x_ND: Tensor, b_dec: str, scale_inputs: bool) -> None:
-        """Set the input scale (mean token norm -> sqrt(D)) and ``b_dec`` from a token sample."""
+        """Set the input scale (mean token norm -> sqrt(D)) and ``b_dec`` from a token sample,
+        then (jumprelu with ``init_l0``) the thresholds (:meth:`init_thresholds`)."""
+        self._init_scale_and_b_dec(x_ND, b_dec, scale_inputs)
+        if self.init_l0 is not None:
+            self.init_thresholds(x_ND, self.init_l0)
+
+    @torch.no_grad()
+    def init_thresholds(self, x_ND: Tensor, l0: float, chunk_elements: int = 2**26) -> None:
+        """jumprelu: each latent's threshold where its pre-activation exceeds it on ``l0 /
+        n_latents`` of the tokens of ``x_ND`` (raw inputs; at least one token; the threshold at
+        least 0), so that the code starts at about ``l0`` per token and no latent is silent.
+        The pre-activations are ranked a block of latents at a time (``chunk_elements`` at
+        most)."""
+        x_ND = x_ND.to(self.W_enc.device, torch.float32) * self.input_scale - self.b_dec
+        n = x_ND.shape[0]
+        fires = n * l0 / self.n_latents
+        if fires < 1:
+            log.warning(
+                "sae.jumprelu_init_l0 %s: %d sample tokens cannot resolve a firing rate of "
+                "%.2g per latent; each latent starts firing on its one largest pre-activation "
+                "(raise sae.init_sample_tokens to start nearer that L0)",
+                l0, n, l0 / self.n_latents,
+            )  # fmt: skip
+        m = max(1, round(fires))
+        block = max(1, chunk_elements // n)
+        for start in range(0, self.n_latents, block):
+            cols = slice(start, start + block)
+            pre_NB = x_ND @ self.W_enc[:, cols].float() + self.b_enc[cols].float()
+            top_MB = pre_NB.topk(min(m + 1, n), dim=0).values
+            # midway between the m-th and the (m+1)-th largest: no sample value sits on it
+            cut_B = (top_MB[m - 1] + top_MB[m]) / 2 if m < n else top_MB[-1] - 1
+            self.threshold[cols] = (cut_B.clamp_min(0) / self.threshold_lr).to(self.threshold.dtype)
+
+    def _init_scale_and_b_dec(self, x_ND: Tensor, b_dec: str, scale_inputs: bool) -> None:
         x_ND = x_ND.to(self.W_enc.device, torch.float32)
         if scale_inputs:
             mean_norm = x_ND.norm(dim=-1).mean().clamp_min(1e-8)
@@ -175,7 +223,7 @@ class SparseAutoencoder(nn.Module):
         ``bandwidth``."""
         x_ND = x_ND.to(self.W_enc.dtype) * self.input_scale
         if self.architecture == "jumprelu":
-            options["threshold_F"] = self.log_threshold.exp()
+            options["threshold_F"] = self.thresholds()
         return kernels.sae_loss(
             x_ND,
             self.W_enc,
@@ -190,6 +238,11 @@ class SparseAutoencoder(nn.Module):
             k=self.k,
             **options,
         )
+
+    def thresholds(self) -> Tensor:
+        """jumprelu: the thresholds ``[F]`` the code uses (on the scaled inputs), with
+        autograd."""
+        return self.threshold.abs() * self.threshold_lr
 
     @torch.no_grad()
     def update_threshold(self, f_NF: Tensor, keep: Tensor | None = None) -> None:
@@ -234,10 +287,19 @@ class SparseAutoencoder(nn.Module):
             "b_dec": (self.b_dec / s).detach().float().contiguous(),
         }
         if self.architecture == "jumprelu":
-            out["threshold"] = (self.log_threshold.exp() / s).detach().float().contiguous()
+            out["threshold"] = (self.thresholds() / s).detach().float().contiguous()
         if self.architecture == "batchtopk":
             out["threshold"] = (self.threshold / s).float().expand(self.n_latents).contiguous()
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        if prefix + "log_threshold" in state_dict:
+            raise ValueError(
+                "this checkpoint holds jumprelu thresholds as logs (log_threshold), from before "
+                "they were learned as is (threshold); it cannot resume here. Its export "
+                "(sae.safetensors) still loads; train a new run to go on"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_exported(cls, tensors: dict[str, Tensor], k: int = 0) -> SparseAutoencoder:
@@ -250,5 +312,5 @@ class SparseAutoencoder(nn.Module):
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(tensors[name])
             if "threshold" in tensors:
-                sae.log_threshold.copy_(tensors["threshold"].clamp_min(1e-30).log())
+                sae.threshold.copy_(tensors["threshold"] / sae.threshold_lr)
         return sae
