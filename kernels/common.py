@@ -4,7 +4,7 @@ on those latents' columns only.
 
 Shape legend: N tokens, D model width, F latents, M latents in the silent mask.
 
-The terms on silent latents (relu's ghost gradients, AuxK) are eager PyTorch on top of a fast
+The terms on silent latents (relu's ghost gradients, AuxK, jumprelu's pull) are eager PyTorch on top of a fast
 path's Function: ``pre_NM = (x - b_dec) @ W_enc[:, M] + b_enc[M]`` is recomputed for the M
 masked latents and the reference's term runs on it, so autograd sends its gradients to
 ``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` and ``x``, where they add to the Function's. With M
@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from patchsae.kernels.reference import auxk_loss, ghost_loss, squared_error
+from patchsae.kernels.reference import auxk_loss, ghost_loss, preact_loss, squared_error
 from torch import Tensor
 
 
@@ -89,14 +89,22 @@ def silent_term(
     mse_norm: str = "none",
     aux_k: int = 0,
     aux_coeff: float = 0.0,
+    threshold_F: Tensor | None = None,
 ) -> Tensor:
     """The reference's term on the ``n_masked`` latents of ``mask_F`` (``mask_F.sum()``, which
     the caller has read): ghost gradients for ``relu``, ``aux_coeff`` times AuxK for ``topk``
-    and ``batchtopk``; exactly 0 when ``n_masked`` is 0."""
+    and ``batchtopk``, ``aux_coeff`` times the pre-activation pull for ``jumprelu`` (with its
+    ``threshold_F``); exactly 0 when ``n_masked`` is 0."""
     if n_masked == 0:
         return torch.zeros((), dtype=x_ND.dtype, device=x_ND.device)
-    latents_M, pre_NM = masked_pre(x_ND, W_enc_DF, b_enc_F, b_dec_D, mask_F, n_masked)
     every_M = torch.ones(n_masked, dtype=torch.bool, device=x_ND.device)
+    if architecture == "jumprelu":
+        assert threshold_F is not None
+        x_fixed_ND, b_fixed_D = x_ND.detach(), b_dec_D.detach()  # the reference's: no pull on them
+        latents_M, pre_NM = masked_pre(x_fixed_ND, W_enc_DF, b_enc_F, b_fixed_D, mask_F, n_masked)
+        theta_M = threshold_F[latents_M].to(pre_NM.dtype)
+        return aux_coeff * preact_loss(pre_NM, theta_M, every_M)
+    latents_M, pre_NM = masked_pre(x_ND, W_enc_DF, b_enc_F, b_dec_D, mask_F, n_masked)
     if architecture == "relu":
         x_hat_ND = x_hat_ND.detach()
         err_ND = squared_error(x_hat_ND, x_ND.detach(), mse_norm)

@@ -24,7 +24,7 @@ entries. Every architecture runs here (the selection is the reference's, ties in
 ``jumprelu``'s thresholds take their straight-through gradient from the entries in the window
 around them (``|pre - threshold| < bandwidth / 2``): the forward lists those entries, and the
 backward needs the code's gradient there only (a product sampled at them), so its cost scales
-with their number. Silent-latent terms (ghost grads, AuxK) run on the masked columns only
+with their number. Silent-latent terms (ghost grads, AuxK, jumprelu's pull) run on the masked columns only
 (``kernels.common.silent_term``), exactly, since the mask's count costs nothing to read.
 """
 
@@ -380,9 +380,9 @@ def cpu_sae_loss(
         float(sparse_threshold), info,
     )  # fmt: skip
     aux = torch.zeros((), dtype=x_ND.dtype)
-    if ghost_mask_F is not None and architecture != "jumprelu":  # jumprelu has no such term
+    if ghost_mask_F is not None:
         info.ghost_latents = int(ghost_mask_F.sum())
         aux = silent_term(architecture, x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, x_hat_ND,
                           ghost_mask_F, info.ghost_latents, mse_norm=mse_norm, aux_k=aux_k,
-                          aux_coeff=aux_coeff)  # fmt: skip
+                          aux_coeff=aux_coeff, threshold_F=threshold_F)  # fmt: skip
     return SAEOutput(mse + l1 + aux, mse, l1, aux, f_NF, x_hat_ND), info

@@ -18,7 +18,8 @@ with ``act`` one of the architectures (:func:`activate`):
   selection (``pre > threshold``, JumpReLU-style); trained with AuxK;
 - ``jumprelu``: ``pre * (pre > threshold_F)`` with a learned threshold per latent, trained with
   an L0 penalty; the threshold's gradient comes from a straight-through estimator with a
-  rectangle kernel of width ``bandwidth`` (Rajamanoharan et al., 2024).
+  rectangle kernel of width ``bandwidth`` (Rajamanoharan et al., 2024); silent latents are
+  pulled up to their thresholds (:func:`preact_loss`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class SAEOutput(NamedTuple):
     (topk, batchtopk)."""
     aux: Tensor
     """Scalar auxiliary term for silent latents: ghost gradients (relu), AuxK (topk,
-    batchtopk); 0 when no latent is silent."""
+    batchtopk), the pre-activation pull (jumprelu); 0 when no latent is silent."""
     f_NF: Tensor
     """Latent code after ReLU."""
     x_hat_ND: Tensor
@@ -209,7 +210,8 @@ def sae_loss(
       applied by multiplication so that no host sync is needed, and with no latent masked the
       term is exactly 0. relu: ghost gradients: their ``exp(pre)`` decodes the (detached)
       residual, scaled to half its norm, and the term is rescaled to the size of the MSE.
-      topk, batchtopk: ``aux_coeff`` times AuxK (:func:`auxk_loss`). jumprelu: 0.
+      topk, batchtopk: ``aux_coeff`` times AuxK (:func:`auxk_loss`). jumprelu: ``aux_coeff``
+      times :func:`preact_loss`.
     - ``ghost_index_G``: relu: latents known to include every masked one (the trainer's
       candidates for a log interval); the ghost term is computed on those columns only, which
       gives the same value and gradients at a fraction of the cost.
@@ -241,8 +243,13 @@ def sae_loss(
     else:
         l1 = zero
 
-    if ghost_mask_F is None or architecture == "jumprelu":
+    if ghost_mask_F is None:
         aux = zero
+    elif architecture == "jumprelu":
+        assert threshold_F is not None
+        pre_fixed_NF = (x_ND - b_dec_D).detach() @ W_enc_DF + b_enc_F  # no pull on x, b_dec
+        theta_F = threshold_F.to(pre_NF.dtype)
+        aux = aux_coeff * preact_loss(pre_fixed_NF, theta_F, ghost_mask_F)
     elif architecture == "relu":
         if ghost_index_G is not None:  # the columns that can be masked: the same term
             pre_NF, W_dec_FD = pre_NF[:, ghost_index_G], W_dec_FD[ghost_index_G]
@@ -266,6 +273,18 @@ def auxk_loss(
     scale = (residual_ND - residual_ND.mean(dim=0)).pow(2).sum(dim=-1).mean().clamp_min(1e-12)
     aux = (aux_out_ND - residual_ND).pow(2).sum(dim=-1).mean() / scale
     return aux * dead_F.any().to(aux.dtype)
+
+
+def preact_loss(pre_NF: Tensor, threshold_F: Tensor, silent_F: Tensor) -> Tensor:
+    """jumprelu's term on silent latents, after Anthropic's pre-activation loss (2025): the
+    mean over tokens and silent latents of ``relu(threshold - pre)``. A silent latent gets no
+    other gradient (nothing of it is in the code), so this pulls its pre-activations up and its
+    threshold down until it fires again. Only the silent latents' own encoder column, bias and
+    threshold receive gradient (the caller computes ``pre_NF`` from detached inputs); 0 when
+    none is silent."""
+    gap_NF = torch.relu(threshold_F - pre_NF) * silent_F.to(pre_NF.dtype)
+    count = silent_F.sum().clamp_min(1) * pre_NF.shape[0]
+    return gap_NF.sum() / count
 
 
 def ghost_loss(

@@ -25,9 +25,9 @@ bandwidth < 0.5``) as W slots; the backward's latent-gradient kernel runs on tho
 and the thresholds' gradient is their per-latent sum (with the L0 term's count), as the
 reference's estimator gives it. Its L0 term has no gradient but the thresholds'.
 
-AuxK runs eager on top, on the M dead latents only (their count is read back when a mask is
-given): ``pre_NM`` is recomputed for those columns and ``reference.auxk_loss`` runs on it, the
-same value and gradients as on all F columns.
+AuxK (jumprelu: the pre-activation pull) runs eager on top, on the M dead latents only (their
+count is read back when a mask is given): ``pre_NM`` is recomputed for those columns and the
+reference's term runs on it, the same value and gradients as on all F columns.
 """
 
 from __future__ import annotations
@@ -201,8 +201,9 @@ def triton_topk_loss(
     )  # fmt: skip
     mse, l0 = mse.to(x_ND.dtype), l0.to(x_ND.dtype)
     aux = torch.zeros((), dtype=x_ND.dtype, device=x_ND.device)
-    if ghost_mask_F is not None and architecture != "jumprelu":  # jumprelu has no such term
+    if ghost_mask_F is not None:
         info.ghost_latents = int(ghost_mask_F.sum())
         aux = silent_term(architecture, x_ND, W_enc_DF, b_enc_F, W_dec_FD, b_dec_D, x_hat_ND,
-                          ghost_mask_F, info.ghost_latents, aux_k=aux_k, aux_coeff=aux_coeff)  # fmt: skip
+                          ghost_mask_F, info.ghost_latents, aux_k=aux_k, aux_coeff=aux_coeff,
+                          threshold_F=threshold_F)  # fmt: skip
     return SAEOutput(mse + l0 + aux, mse, l0, aux, f_NF, x_hat_ND), info

@@ -126,6 +126,44 @@ def test_auxk_uses_only_dead_latents_and_vanishes_without_them() -> None:
     assert (W_dec.grad[~dead] == 0).all()
 
 
+def test_jumprelu_pulls_silent_latents_up_to_their_thresholds() -> None:
+    """The jumprelu term on silent latents is the mean gap ``relu(threshold - pre)`` over tokens
+    and silent latents; only their own encoder columns, biases and thresholds get gradient, and
+    it is exactly 0 with none silent."""
+    torch.manual_seed(8)
+    x = torch.randn(30, 6)
+    params = {
+        "W_enc": torch.randn(6, 12),
+        "b_enc": torch.randn(12) - 1,
+        "W_dec": torch.randn(12, 6),
+        "b_dec": torch.randn(6),
+        "threshold": torch.rand(12) + 0.5,
+    }
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    silent = torch.zeros(12, dtype=torch.bool)
+    silent[[1, 4, 9]] = True
+
+    def aux(mask):
+        return sae_loss(
+            x, *(leaves[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec")), l1_coeff=0.0,
+            architecture="jumprelu", threshold_F=leaves["threshold"], ghost_mask_F=mask,
+            aux_coeff=0.5,
+        ).aux  # fmt: skip
+
+    assert aux(torch.zeros(12, dtype=torch.bool)).item() == 0
+    term = aux(silent)
+    pre = (x - params["b_dec"]) @ params["W_enc"] + params["b_enc"]
+    want = 0.5 * torch.relu(params["threshold"] - pre)[:, silent].mean()
+    torch.testing.assert_close(term, want)
+    found = torch.autograd.grad(term, list(leaves.values()), allow_unused=True)
+    grads = dict(zip(leaves, found, strict=True))
+    assert grads["W_dec"] is None and grads["b_dec"] is None  # not in the term's graph
+    for name in ("b_enc", "threshold"):
+        assert (grads[name][~silent] == 0).all() and (grads[name][silent] != 0).all()
+    assert (grads["threshold"][silent] > 0).all()  # descent lowers them
+    assert (grads["W_enc"][:, ~silent] == 0).all()
+
+
 def test_sae_options_free_decoder_tied_init_and_export() -> None:
     torch.manual_seed(5)
     sae = SparseAutoencoder(10, 40, unit_norm_decoder=False, tied_init=True, decoder_init_norm=0.1)

@@ -131,14 +131,16 @@ class SAEConfig:
     """``relu`` (the paper's: L1 penalty, ghost gradients), ``topk`` (the ``k`` largest per
     token), ``batchtopk`` (``k`` per token on average over the batch; a threshold at inference)
     or ``jumprelu`` (a learned threshold per latent, L0 penalty); trained silent latents come
-    back through ghost gradients (relu) or AuxK (topk, batchtopk)."""
+    back through ghost gradients (relu), AuxK (topk, batchtopk) or a pull of their
+    pre-activations up to their thresholds (jumprelu)."""
     k: int = 32
     """topk, batchtopk: active latents per token."""
     aux_k: int | None = None
     """topk, batchtopk: how many silent latents AuxK lets reconstruct the residual (null: half
     the model width)."""
     aux_coeff: float = 0.03125
-    """topk, batchtopk: weight of the AuxK term (1/32)."""
+    """Weight of the term on silent latents: AuxK (topk, batchtopk), the pull of their
+    pre-activations up to their thresholds (jumprelu); 1/32."""
     jumprelu_threshold: float = 0.001
     """jumprelu: initial threshold of every latent (on the scaled inputs), unless
     ``jumprelu_init_l0`` is set."""
@@ -170,7 +172,8 @@ class SAEConfig:
     """``none``: mean squared error; ``token_norm``: squared error divided by each token's L2
     norm (the PatchSAE code's loss)."""
     ghost_grads: bool = True
-    """Ghost gradients for latents silent over ``ghost_window_steps``."""
+    """The term on latents silent over ``ghost_window_steps``: ghost gradients (relu), AuxK
+    (topk, batchtopk), the pre-activation pull (jumprelu)."""
     ghost_window_steps: int = 64
     """A latent that has not fired for this many steps gets ghost gradients."""
     init_b_dec: BDecInit = "geometric_median"
