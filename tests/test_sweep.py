@@ -129,3 +129,36 @@ def test_a_sweep_stopped_mid_save_resumes_from_the_step_all_members_reached(
 def test_bad_sweeps_are_refused_before_any_data_is_read(tmp_path, sweep, expected):
     with pytest.raises(ConfigError, match=expected):
         load_config(sweep_recipe(tmp_path, sweep), ["model.pretrained=null"])
+
+
+@pytest.mark.slow
+def test_a_sweep_under_zero3_equals_separate_zero3_runs(tmp_path, demo_shards):
+    """On 2 ranks under DeepSpeed ZeRO-3 each member is its own engine, with its own
+    partitions and checkpoint shards; each equals a ZeRO-3 run of its own config on the same
+    batches, and a sweep stopped after step 4 resumes to the same end."""
+    zero3 = {"distributed.strategy": "deepspeed", "distributed.zero_stage": 3}
+    sweep = [SWEEP[0], SWEEP[2]]
+    out = tmp_path / "sweep"
+    run_train(
+        small_overrides(demo_shards, out, **zero3), config=sweep_recipe(tmp_path, sweep), nproc=2
+    )
+    for name, entry in zip((NAMES[0], NAMES[2]), sweep, strict=True):
+        shards = sorted((out / name / "checkpoints" / "step_00000004" / "zero").glob("*optim*"))
+        assert len(shards) == 2, (name, shards)  # each rank wrote its partition of this member
+        overrides = {k: v for k, v in entry.items() if k != "name"}
+        alone = tmp_path / name
+        run_train(small_overrides(demo_shards, alone, **zero3, **overrides), nproc=2)
+        assert_same_losses(alone, out / name)
+    # Stopped after step 4: every member reloads its own ZeRO shards and ends the same.
+    cut = tmp_path / "cut"
+    shutil.copytree(out, cut)
+    for name in (NAMES[0], NAMES[2]):
+        for done in ("sae.safetensors", "cfg.json"):
+            (cut / name / done).unlink()
+        shutil.rmtree(cut / name / "checkpoints" / "step_00000008")
+        (cut / name / "checkpoints" / "latest").write_text("step_00000004\n")
+    overrides = small_overrides(demo_shards, cut, **zero3, **OFF)
+    log = run_train(overrides, config=sweep_recipe(tmp_path, sweep), nproc=2, resume=True)
+    assert log.stderr.count("resumed from") == 2 and "step_00000004" in log.stderr
+    for name in (NAMES[0], NAMES[2]):
+        assert_same_losses(out / name, cut / name)

@@ -401,14 +401,6 @@ class Config:
     """SAEs trained together on the same tokens (``trainer.sweep``): each a mapping of
     ``section.key`` overrides of :data:`SWEEP_KEYS`, and an optional ``name``."""
 
-    def __post_init__(self) -> None:
-        if self.sweep and self.distributed.strategy == "deepspeed":
-            _fail(
-                "sweep",
-                "is not available under DeepSpeed yet",
-                "train a sweep with distributed.strategy ddp (or single)",
-            )
-
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["train"]["betas"] = list(self.train.betas)
