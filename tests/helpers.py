@@ -22,6 +22,17 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
+def jumprelu_thresholds(inputs: dict[str, torch.Tensor], quantile: float) -> torch.Tensor:
+    """For the kernel tests' grid-valued inputs (pre-activations on multiples of 1/2048):
+    positive per-latent thresholds near each latent's ``quantile`` of its pre-activations, half
+    a grid step off the grid, so that no pre-activation equals one and none sits within
+    rounding of a window's edge (bandwidth 0.3)."""
+    x, W_enc, b_enc, b_dec = (inputs[k].double() for k in ("x", "W_enc", "b_enc", "b_dec"))
+    pre = (x - b_dec) @ W_enc + b_enc
+    cut_F = torch.round(pre.quantile(quantile, dim=0) * 2048) / 2048
+    return (cut_F.clamp_min(1 / 256) + 1 / 4096).to(inputs["x"].dtype)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now (the OS picks it)."""
     with socket.socket() as s:

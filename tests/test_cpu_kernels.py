@@ -12,7 +12,7 @@ from patchsae.kernels import dispatch
 from patchsae.kernels.cpu import cpu_sae_loss
 from patchsae.kernels.reference import sae_loss as reference_sae_loss
 
-from tests.helpers import rel_err
+from tests.helpers import jumprelu_thresholds, rel_err
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 OUTPUTS = ("loss", "mse", "l1", "aux", "f_NF", "x_hat_ND")
@@ -51,16 +51,6 @@ def make_inputs(density: float, dtype=torch.float32, n=53, d=19, f=71, tied=Fals
         b_enc[1::2] = b_enc[0:-1:2]
     tensors = {"x": x, "W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
     return {k: v.to(dtype) for k, v in tensors.items()}
-
-
-def jumprelu_thresholds(inputs, quantile: float = 0.8) -> torch.Tensor:
-    """Positive per-latent thresholds near each latent's ``quantile`` of its pre-activations,
-    half a grid step (1/4096) off the grid those sit on: no pre-activation equals a threshold,
-    and none sits within rounding of the window's edge (at ``bandwidth`` 0.3)."""
-    x, W_enc, b_enc, b_dec = (inputs[k].double() for k in ("x", "W_enc", "b_enc", "b_dec"))
-    pre = (x - b_dec) @ W_enc + b_enc
-    cut_F = torch.round(pre.quantile(quantile, dim=0) * 2048) / 2048
-    return (cut_F.clamp_min(1 / 256) + 1 / 4096).to(inputs["x"].dtype)
 
 
 def run(fn, inputs, *, grad_x: bool, **kw):
@@ -140,7 +130,7 @@ def test_cpu_path_matches_float64_reference(
     inputs = make_inputs(density, dtype, tied=tied)
     silent_F = torch.rand(inputs["W_enc"].shape[1]) < 0.2  # ghost grads / AuxK on these
     jumprelu = architecture == "jumprelu"
-    threshold_F = jumprelu_thresholds(inputs) if jumprelu else None
+    threshold_F = jumprelu_thresholds(inputs, 0.8) if jumprelu else None
     step = assert_matches_reference(
         inputs,
         dtype,
@@ -220,7 +210,7 @@ def test_auto_takes_the_cpu_path_and_counts_sparse_steps(seed, monkeypatch):
         got = kernels.sae_loss(*sparse.values(), l1_coeff=0.1)
         kernels.sae_loss(*dense.values(), l1_coeff=0.1)
         kw = dict(l1_coeff=0.1, architecture="jumprelu", bandwidth=0.3)
-        threshold_F = jumprelu_thresholds(dense)
+        threshold_F = jumprelu_thresholds(dense, 0.8)
         kernels.sae_loss(*dense.values(), threshold_F=threshold_F, **kw)
         # a negative threshold is not one the CPU path takes: the reference, silently under auto
         threshold_F[3] = -0.1

@@ -32,7 +32,7 @@ from patchsae.kernels import triton_kernels as tk
 from patchsae.kernels.autograd import sparse_capacity, triton_sae_loss
 from patchsae.kernels.reference import sae_loss as reference_sae_loss
 
-from tests.helpers import rel_err
+from tests.helpers import jumprelu_thresholds, rel_err
 
 N, D, F = 37, 71, 1000
 DEVICE = "cpu" if tk.INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -363,15 +363,6 @@ def test_topk_and_batchtopk_match_float64_reference(
     assert_close(got, want, TOL[dtype])
 
 
-def jumprelu_thresholds(inputs, quantile: float = 0.7) -> torch.Tensor:
-    """Positive per-latent thresholds near each latent's ``quantile`` of its pre-activations,
-    half a grid step (1/4096) off the grid those sit on: no pre-activation equals one."""
-    x, W_enc, b_enc, b_dec = (inputs[k].double() for k in ("x", "W_enc", "b_enc", "b_dec"))
-    pre = (x - b_dec) @ W_enc + b_enc
-    cut_F = torch.round(pre.quantile(quantile, dim=0) * 2048) / 2048
-    return (cut_F.clamp_min(1 / 256) + 1 / 4096).to(inputs["x"].dtype)
-
-
 # jumprelu on the sparse Triton path: (dtype, mse_norm, grad of x, gradient through the code)
 JUMPRELU_CASES = [
     (torch.float32, "none", True, False),
@@ -393,7 +384,7 @@ def test_jumprelu_matches_float64_reference(seed, dtype, mse_norm, grad_x, throu
     from patchsae.kernels.topk import triton_topk_loss
 
     inputs = make_inputs(0.5, dtype, f=230)
-    threshold_F = jumprelu_thresholds(inputs)
+    threshold_F = jumprelu_thresholds(inputs, 0.7)
     threshold_F[:7] = 1000.0  # nothing in these windows: a gradient of exactly 0
     threshold_F[7:12] = 0.0  # relu's code, a threshold the trainer's |z| can reach
     dead = torch.rand(230, device=DEVICE) < 0.2
@@ -432,7 +423,7 @@ def test_topk_through_the_dispatcher_takes_the_triton_path(seed, monkeypatch):
         assert kernels.stats.sparse_steps == before + 1 and kernels.stats.eager_fallbacks == 0
         assert rel_err(out.loss, want.loss) < 1e-5 and out.l1.item() == 0.0
     kw = dict(l1_coeff=0.1, architecture="jumprelu", bandwidth=0.3)
-    threshold = jumprelu_thresholds(inputs)
+    threshold = jumprelu_thresholds(inputs, 0.7)
     before = kernels.stats.sparse_steps
     out = kernels.sae_loss(*inputs.values(), threshold_F=threshold, **kw)
     want = reference_sae_loss(*inputs.values(), threshold_F=threshold, **kw)
