@@ -132,8 +132,8 @@ class CPULossFunction(torch.autograd.Function):
     def backward(ctx, g_mse, g_l1, g_f_NF, g_x_hat_ND):
         (x_ND, xc_ND, W_enc_DF, W_dec_FD, f_NF, seed_ND, sq_N, s_F, colsum_F,
          threshold_F) = ctx.saved_tensors  # fmt: skip
-        code: Tensor | None = ctx.code
-        window: Tensor | None = ctx.window
+        code = ctx.code  # CSR, or None on the dense path
+        window = ctx.window  # jumprelu: its window (CSR), else None
         need_x, need_W_enc, need_b_enc, need_W_dec, need_b_dec = ctx.needs_input_grad[:5]
         need_threshold = window is not None and ctx.needs_input_grad[5]
         N, D = x_ND.shape
