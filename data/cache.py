@@ -18,6 +18,12 @@ array) exactly once over all ranks: the shard order and the unit order within ea
 shuffled per epoch (seeded), and the sequence is cut into one contiguous, equal share per
 rank. Its position is (epoch, units served) plus the mixer's state, so resume is exact.
 
+With ``read_ahead`` > 0 a background thread reads that many reads ahead of the mixer (into
+pinned memory when the run is on a GPU), so a fast SAE step does not wait on the disk: the
+stream's position still counts only the reads the mixer took, and what the thread had read
+beyond it is dropped on resume. Rows travel to the device and into the mixer in the cache's
+dtype; the mixer serves them as float32.
+
 Shape legend: N tokens, D model width, T tokens per image.
 """
 
@@ -25,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,10 +205,13 @@ class ActivationCache:
             )
 
     def to_float(self, rows_ND: np.ndarray) -> Tensor:
+        return self.as_tensor(rows_ND).float()
+
+    def as_tensor(self, rows_ND: np.ndarray) -> Tensor:
+        """The rows as a tensor of the cache's dtype, without a copy (numpy has no bfloat16:
+        those rows are stored as their 16-bit patterns and viewed back)."""
         tensor = torch.from_numpy(np.ascontiguousarray(rows_ND))
-        if self.dtype == "bfloat16":
-            tensor = tensor.view(torch.bfloat16)
-        return tensor.float()
+        return tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -251,7 +262,8 @@ class CachedStream:
     ``units_per_read`` units (images, or blocks of an array) are read at a time and handed to
     the mixer. ``shuffle_shards``/``shuffle_units``: shuffle the shard order / the units within
     each shard every epoch (seeded by ``seed`` and the epoch); with neither, units come in the
-    order they were written, which reproduces the shard reader's token order."""
+    order they were written, which reproduces the shard reader's token order. ``read_ahead``:
+    reads a background thread keeps ready (0: read when the mixer asks)."""
 
     def __init__(
         self,
@@ -265,6 +277,7 @@ class CachedStream:
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
+        read_ahead: int = 0,
     ) -> None:
         self.cache, self.mixer = cache, mixer
         self.units_per_read = units_per_read
@@ -279,7 +292,8 @@ class CachedStream:
         self.images_seen = 0
         self.skipped_total = 0  # a cache holds only images that decoded
         self.wait_s = 0.0
-        self._order: tuple[np.ndarray, np.ndarray] | None = None
+        self.read_ahead = read_ahead
+        self._reader: _Reader | None = None
 
     @property
     def width(self) -> int:
@@ -307,8 +321,9 @@ class CachedStream:
         share = slice(n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size)
         return all_shards[share], all_units[share]
 
-    def read_units(self, shard_ids: np.ndarray, unit_ids: np.ndarray) -> Tensor:
-        """``[N, D]`` float32 rows of the given units, in order (one read per run of a shard)."""
+    def read_rows(self, shard_ids: np.ndarray, unit_ids: np.ndarray) -> np.ndarray:
+        """``[N, D]`` rows of the given units as stored, in order (one read per run of a
+        shard)."""
         parts, start = [], 0
         while start < len(shard_ids):
             stop = start + 1
@@ -316,20 +331,18 @@ class CachedStream:
                 stop += 1
             parts.append(self.cache.shards[shard_ids[start]].read(unit_ids[start:stop]))
             start = stop
-        return self.cache.to_float(np.concatenate(parts))
+        return np.concatenate(parts)
+
+    def read_units(self, shard_ids: np.ndarray, unit_ids: np.ndarray) -> Tensor:
+        """``[N, D]`` float32 rows of the given units, in order."""
+        return self.cache.to_float(self.read_rows(shard_ids, unit_ids))
 
     def _produce(self) -> Tensor:
-        if self._order is None:
-            self._order = self.epoch_order(self.epoch)
-        shard_ids, unit_ids = self._order
-        if self.offset >= len(unit_ids):
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._order = shard_ids, unit_ids = self.epoch_order(self.epoch)
-        take = slice(self.offset, self.offset + self.units_per_read)
-        self.offset += len(unit_ids[take])
-        tokens_ND = self.read_units(shard_ids[take], unit_ids[take])
-        self.images_seen += len(tokens_ND) // self.tokens_per_image
-        return tokens_ND.to(self.device, non_blocking=True)
+        if self._reader is None:
+            self._reader = _Reader(self, self.epoch, self.offset)
+        stored_ND, self.epoch, self.offset = self._reader.next()
+        self.images_seen += len(stored_ND) // self.tokens_per_image
+        return stored_ND.to(self.device, non_blocking=True)  # the mixer serves float32
 
     def next_batch(self, n: int) -> Tensor:
         """``[n, D]`` float32 tokens on ``device``."""
@@ -339,7 +352,9 @@ class CachedStream:
         return tokens
 
     def close(self) -> None:
-        self._order = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -357,5 +372,75 @@ class CachedStream:
             )
         self.epoch, self.offset = state["epoch"], state["offset"]
         self.images_seen = state["images_seen"]
-        self._order = None
+        self.close()  # what was read ahead of the old position is dropped
         self.mixer.load_state_dict(state["mixer"], device=self.device)
+
+
+class _Reader:
+    """A stream's reads from a position on: each is (rows as stored, the position after it).
+    With the stream's ``read_ahead`` > 0 a daemon thread reads them into a queue that deep,
+    and an error in the thread is raised by the :meth:`next` that would have returned its
+    read."""
+
+    def __init__(self, stream: CachedStream, epoch: int, offset: int) -> None:
+        self.stream, self.epoch, self.offset = stream, epoch, offset
+        self._order = stream.epoch_order(epoch)
+        self._pin = stream.device.type == "cuda"
+        self._stop = threading.Event()
+        self._queue: queue.Queue[tuple[Tensor, int, int] | BaseException] | None = None
+        self._thread: threading.Thread | None = None
+        if stream.read_ahead > 0:
+            self._queue = queue.Queue(maxsize=stream.read_ahead)
+            self._thread = threading.Thread(target=self._run, name="cache-reader", daemon=True)
+            self._thread.start()
+
+    def _read(self) -> tuple[Tensor, int, int]:
+        shard_ids, unit_ids = self._order
+        if self.offset >= len(unit_ids):
+            self.epoch, self.offset = self.epoch + 1, 0
+            self._order = shard_ids, unit_ids = self.stream.epoch_order(self.epoch)
+        take = slice(self.offset, self.offset + self.stream.units_per_read)
+        self.offset += len(unit_ids[take])
+        stored_ND = self.stream.cache.as_tensor(
+            self.stream.read_rows(shard_ids[take], unit_ids[take])
+        )
+        if self._pin:
+            stored_ND = stored_ND.pin_memory()
+        return stored_ND, self.epoch, self.offset
+
+    def _run(self) -> None:
+        assert self._queue is not None
+        item: tuple[Tensor, int, int] | BaseException
+        while not self._stop.is_set():
+            try:
+                item = self._read()
+            except BaseException as err:  # handed to the consumer, which raises it
+                item = err
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def next(self) -> tuple[Tensor, int, int]:
+        if self._queue is None:
+            return self._read()
+        assert self._thread is not None
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise CacheError("the cache reader thread stopped without a result") from None
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()

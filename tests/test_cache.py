@@ -247,23 +247,76 @@ def test_a_bare_array_trains_and_needs_token_counts(tmp_path, demo_shards):
     assert proc.returncode == 2 and "train.total_tokens" in proc.stderr
 
 
-def test_the_stream_resumes_exactly(one_rank_cache):
+@pytest.mark.parametrize("read_ahead", [0, 3])
+def test_the_stream_resumes_exactly(one_rank_cache, read_ahead):
     cache = ActivationCache.open(one_rank_cache)
 
-    def stream() -> CachedStream:
+    def stream(ahead: int = read_ahead) -> CachedStream:
         return CachedStream(
             cache, TokenMixer(2048, seed=5), units_per_read=4, shuffle_shards=True,
-            shuffle_units=True, seed=1,
+            shuffle_units=True, seed=1, read_ahead=ahead,
         )  # fmt: skip
 
-    whole = stream()
+    whole = stream(ahead=0)
     reference = [whole.next_batch(512) for _ in range(80)]  # past the end of epoch 0
     assert whole.epoch >= 1
     first = stream()
     head = [first.next_batch(512) for _ in range(37)]
-    state = first.state_dict()
+    state = first.state_dict()  # the reader thread has read past this position
+    first.close()
     again = stream()
     again.load_state_dict(state)
     tail = [again.next_batch(512) for _ in range(43)]
+    again.close()
     for i, (a, b) in enumerate(zip(reference, head + tail, strict=True)):
         assert torch.equal(a, b), i
+    assert (again.epoch, again.offset, again.images_seen) == (
+        whole.epoch,
+        whole.offset,
+        whole.images_seen,
+    )
+
+
+def test_a_read_error_in_the_reader_thread_reaches_the_training_thread(one_rank_cache, monkeypatch):
+    cache = ActivationCache.open(one_rank_cache)
+    stream = CachedStream(
+        cache, TokenMixer(1024, seed=0), units_per_read=4, shuffle_shards=False,
+        shuffle_units=False, seed=0, read_ahead=2,
+    )  # fmt: skip
+    stream.next_batch(256)
+    shard = type(cache.shards[0])
+    calls = {"n": 0}
+    real_read = shard.read
+
+    def failing_read(self, units):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(f"Input/output error reading {self.path}")
+        return real_read(self, units)
+
+    monkeypatch.setattr(shard, "read", failing_read)
+    with pytest.raises(OSError, match="Input/output error reading .*r000-00000..npy"):
+        for _ in range(20):
+            stream.next_batch(256)
+    assert stream._reader is not None
+    thread = stream._reader._thread
+    stream.close()
+    assert thread is not None and not thread.is_alive()
+
+
+def test_a_gpu_run_reads_the_cache_ahead_by_one_mixer_top_up(one_rank_cache, demo_shards, tmp_path):
+    from patchsae.trainer.config import DistributedConfig, load_config
+    from patchsae.trainer.distributed import Distributed
+    from patchsae.trainer.inputs import build_stream, cache_read_ahead
+
+    overrides = small_overrides(
+        demo_shards, tmp_path, **{"data.source": "cache", "data.cache": one_rank_cache}
+    )
+    cfg, cache = load_config(DEMO, overrides), ActivationCache.open(one_rank_cache)
+    # 2,048 tokens per top-up in reads of 16 images x 65 tokens: 2 reads, and one more.
+    assert cache_read_ahead(cfg, cache, torch.device("cuda")) == 3
+    assert cache_read_ahead(cfg, cache, torch.device("cpu")) == 0
+    chosen = load_config(DEMO, [*overrides, "data.cache_read_ahead=5"])
+    assert cache_read_ahead(chosen, cache, torch.device("cuda")) == 5
+    stream = build_stream(chosen, Distributed.from_env(DistributedConfig(), "cpu"), layer=2)
+    assert isinstance(stream, CachedStream) and stream.read_ahead == 5

@@ -68,6 +68,7 @@ def test_overrides_are_parsed_as_yaml():
             r"'distributed.deepspeed_config': is set but distributed.strategy is 'auto'",
         ),
         ("distributed.reduce_bucket_size=0", r"'distributed.reduce_bucket_size': must be > 0"),
+        ("data.cache_read_ahead=-1", r"'data.cache_read_ahead': must be >= 0; use 0 to read"),
     ],
 )
 def test_bad_values_name_key_and_fix(override, expected):

@@ -59,3 +59,36 @@ def test_batch_larger_than_half_the_buffer_is_refused():
     mixer = TokenMixer(100, seed=0)
     with pytest.raises(ValueError, match="mix_buffer_tokens >= 120"):
         mixer.next_batch(60, lambda: torch.randn(10, 2))
+
+
+def test_batches_are_cut_from_the_seeded_shuffle_of_the_topped_up_buffer():
+    mixer, source = TokenMixer(100, seed=4), _Source()
+    served = [mixer.next_batch(16, source) for _ in range(12)]  # 4 top-ups, each a new shuffle
+    generator, reference, buffer = torch.Generator().manual_seed(4), _Source(), torch.empty(0, 3)
+    for batch in served:
+        if len(buffer) < 50:
+            while len(buffer) < 100:
+                buffer = torch.cat([buffer, reference()])
+            buffer = buffer[torch.randperm(len(buffer), generator=generator)]
+        assert torch.equal(batch, buffer[-16:])
+        buffer = buffer[:-16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tokens_are_held_as_they_come_and_served_as_float32(dtype):
+    wide, half = TokenMixer(100, seed=4), TokenMixer(100, seed=4)
+    wide_source, half_source = _Source(), _Source()
+    for _ in range(12):
+        expected = wide.next_batch(16, lambda: wide_source().to(dtype).float())
+        batch = half.next_batch(16, lambda: half_source().to(dtype))
+        assert batch.dtype == torch.float32 and torch.equal(batch, expected)
+    assert half.buffer_ND is not None and half.buffer_ND.dtype == dtype
+    # The state holds the tokens as held; a resumed mixer serves the same float32 batches.
+    resumed, resumed_source = TokenMixer(100, seed=0), _Source(start=half_source.next_image)
+    resumed.load_state_dict(half.state_dict())
+    assert resumed.buffer_ND is not None and resumed.buffer_ND.dtype == dtype
+    for _ in range(8):
+        assert torch.equal(
+            resumed.next_batch(16, lambda: resumed_source().to(dtype)),
+            half.next_batch(16, lambda: half_source().to(dtype)),
+        )

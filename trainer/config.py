@@ -106,6 +106,11 @@ class DataConfig:
     model section), or an ``[N, D]`` float array in a ``.npy`` or ``.safetensors`` file (read
     in blocks of 256 rows; nothing to check it against). ``shuffle_shards`` shuffles its
     shards and ``shuffle_buffer`` > 0 the images within each shard, every epoch."""
+    cache_read_ahead: int | None = None
+    """With ``source: cache``: reads of ``images_per_batch`` images (256-row blocks of an
+    array) that a background thread keeps ready, so the step does not wait on the disk. The
+    default, on a GPU, covers one top-up of the mixer (half of ``mix_buffer_tokens``) and one
+    read more; on a CPU it is 0: reads in the training thread when the mixer asks."""
 
     def __post_init__(self) -> None:
         if not self.urls:
@@ -117,6 +122,8 @@ class DataConfig:
         _positive("data", self, "images_per_batch", "mix_buffer_tokens")
         if not 0 < self.max_bad_fraction <= 1:
             _fail("data.max_bad_fraction", "must be in (0, 1]", "e.g. 0.5")
+        if self.cache_read_ahead is not None and self.cache_read_ahead < 0:
+            _fail("data.cache_read_ahead", "must be >= 0", "use 0 to read in the training thread")
         if self.source == "cache" and not self.cache:
             _fail("data.cache", "is not set but data.source is cache", "set the cache folder")
 

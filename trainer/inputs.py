@@ -79,7 +79,20 @@ def _cached_stream(cfg: Config, dist: Distributed, layer: int, mixer: TokenMixer
         rank=dist.rank,
         world_size=dist.world_size,
         device=dist.device,
+        read_ahead=cache_read_ahead(cfg, cache, dist.device),
     )
+
+
+def cache_read_ahead(cfg: Config, cache: ActivationCache, device: torch.device) -> int:
+    """``data.cache_read_ahead``, or its default: on a GPU one top-up of the mixer and one
+    read more; on a CPU none (the reader thread would take cores from the step, and
+    ``benchmarks/cache_reader.py`` measures no gain there)."""
+    if cfg.data.cache_read_ahead is not None:
+        return cfg.data.cache_read_ahead
+    if device.type != "cuda":
+        return 0
+    rows_per_read = cfg.data.images_per_batch * cache.shards[0].unit_rows
+    return -(-cfg.data.mix_buffer_tokens // 2 // rows_per_read) + 1
 
 
 def init_sample(stream: TokenStream | CachedStream, cfg: Config) -> Tensor:
