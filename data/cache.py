@@ -208,10 +208,13 @@ class ActivationCache:
         return self.as_tensor(rows_ND).float()
 
     def as_tensor(self, rows_ND: np.ndarray) -> Tensor:
-        """The rows as a tensor of the cache's dtype, without a copy (numpy has no bfloat16:
-        those rows are stored as their 16-bit patterns and viewed back)."""
+        """The rows as the mixer holds them: float32, float16 and bfloat16 as stored, without a
+        copy (numpy has no bfloat16: those rows are stored as their 16-bit patterns and viewed
+        back); a bare array of another dtype as float32."""
         tensor = torch.from_numpy(np.ascontiguousarray(rows_ND))
-        return tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
+        if self.dtype == "bfloat16":
+            return tensor.view(torch.bfloat16)
+        return tensor if self.dtype in DTYPES else tensor.float()
 
 
 def _load_npy(path: Path) -> np.ndarray:

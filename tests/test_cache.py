@@ -208,16 +208,29 @@ def test_bare_arrays_are_sources(tmp_path):
     from safetensors.torch import save_file as save_torch
 
     save_torch({"acts": bf16}, str(fix))
-    for name, expected in [
-        ("acts.npy", rows),
-        ("acts.safetensors", rows.astype(np.float16).astype(np.float32)),
-        ("bf16.safetensors", bf16.float().numpy()),
+    np.save(tmp_path / "wide.npy", rows.astype(np.float64))
+    for name, expected, held in [
+        ("acts.npy", rows, torch.float32),
+        ("acts.safetensors", rows.astype(np.float16).astype(np.float32), torch.float16),
+        ("bf16.safetensors", bf16.float().numpy(), torch.bfloat16),
+        ("wide.npy", rows, torch.float32),  # other dtypes are held as float32
     ]:
         cache = ActivationCache.open(tmp_path / name)
         assert (cache.width, cache.tokens, cache.tokens_per_image) == (24, 1000, 1)
         for world in (1, 2):
             parts = epoch_rows(cache, world)
             assert row_counts(torch.cat(parts)) == row_counts(expected), (name, world)
+        stream = CachedStream(
+            cache,
+            TokenMixer(512, seed=0),
+            units_per_read=1,
+            shuffle_shards=True,
+            shuffle_units=True,
+            seed=0,
+        )
+        served = torch.cat([stream.next_batch(200) for _ in range(5)])
+        assert served.dtype == torch.float32 and stream.mixer.buffer_ND.dtype == held, name
+        assert set(row_counts(served)) <= set(row_counts(expected)), name
     np.save(tmp_path / "cube.npy", rows.reshape(10, 100, 24))
     for bad, message in [
         ("cube.npy", "2-D"),
