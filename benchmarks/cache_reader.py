@@ -31,7 +31,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from patchsae.data.cache import FORMAT, META, VERSION, ActivationCache, CachedStream
+from patchsae.data.cache import (
+    FORMAT,
+    META,
+    VERSION,
+    ActivationCache,
+    CachedStream,
+    top_up_reads,
+)
 from patchsae.data.mixer import TokenMixer
 
 
@@ -134,8 +141,7 @@ def main() -> None:
             write_cache(folder, args.images, args.tokens, args.width, args.shard_images)
             print(f"wrote {folder} in {time.perf_counter() - start:.0f} s")
         cache = ActivationCache.open(folder)
-        rows_per_read = args.images_per_read * cache.tokens_per_image
-        default_ahead = -(-args.mix // 2 // rows_per_read) + 1  # as trainer/inputs.py
+        default_ahead = top_up_reads(args.mix, args.images_per_read * cache.tokens_per_image)
         size = sum(s.rows_ND.nbytes for s in cache.shards) / 2**30
         print(
             f"{cache.tokens:,} tokens of {cache.width} ({cache.dtype}, {size:.2f} GiB), "

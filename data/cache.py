@@ -259,6 +259,12 @@ def _map_safetensors(path: Path) -> tuple[np.ndarray, str]:
     return rows, dtype
 
 
+def top_up_reads(mix_tokens: int, rows_per_read: int) -> int:
+    """Reads that cover one top-up of a mixer of ``mix_tokens`` (half its capacity), and one
+    more: the read-ahead depth at which a top-up finds every read it needs ready."""
+    return -(-mix_tokens // 2 // rows_per_read) + 1
+
+
 class CachedStream:
     """Token batches from an :class:`ActivationCache`, in the interface of ``TokenStream``.
 

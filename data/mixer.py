@@ -7,9 +7,9 @@ place, and batches are cut from the shuffled buffer. Each batch therefore mixes 
 about ``capacity / tokens_per_image`` images at a cost of one permutation per ``capacity / 2``
 tokens served. Tokens are held in the dtype they arrive in (an fp16 activation cache's rows
 stay fp16: half the memory and half the shuffle's traffic) and batches are served as float32,
-which is exact for fp16 and bf16. The permutation is gathered into a second buffer of the same size, which then
-becomes the buffer: no temporary as large as the buffer is allocated per top-up (on a CPU a
-fresh 200 MB tensor costs more in page faults than the gather itself).
+which is exact for fp16 and bf16. The permutation is gathered into a second buffer of the
+same size, which then becomes the buffer: no temporary as large as the buffer is allocated per
+top-up (on a CPU a fresh 200 MB tensor costs more in page faults than the gather itself).
 
 Shape legend: N tokens, D model width.
 """

@@ -8,7 +8,7 @@ import logging
 
 import torch
 from patchsae.data.activations import ActivationSource, load_visual
-from patchsae.data.cache import ActivationCache, CachedStream
+from patchsae.data.cache import ActivationCache, CachedStream, top_up_reads
 from patchsae.data.cache import identity as cache_identity
 from patchsae.data.mixer import TokenMixer
 from patchsae.data.shards import ImageShards, expand_urls
@@ -92,7 +92,7 @@ def cache_read_ahead(cfg: Config, cache: ActivationCache, device: torch.device) 
     if device.type != "cuda":
         return 0
     rows_per_read = cfg.data.images_per_batch * cache.shards[0].unit_rows
-    return -(-cfg.data.mix_buffer_tokens // 2 // rows_per_read) + 1
+    return top_up_reads(cfg.data.mix_buffer_tokens, rows_per_read)
 
 
 def init_sample(stream: TokenStream | CachedStream, cfg: Config) -> Tensor:
