@@ -480,7 +480,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if expected is int and isinstance(value, str) and value.replace("_", "").isdigit():
         return int(value.replace("_", ""))
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        _fail(key, f"expected {expected.__name__}, got {value!r}", f"give a {expected.__name__}")
+        name = expected.__name__
+        article = "an" if name[0] in "aeiou" else "a"
+        _fail(key, f"expected {name}, got {value!r}", f"give {article} {name}")
     return value
 
 
